@@ -1,0 +1,284 @@
+"""Decoder-only Llama-family transformer in Flax NNX.
+
+Covers Llama 2/3, SmolLM2, Mistral-style and Qwen2 (q/k/v bias): token
+embedding (tied or untied), RMSNorm, RoPE, grouped-query attention, SwiGLU
+MLP, final norm, LM head. Every parameter carries logical axis names;
+`sharding.RULES` maps them to the mesh. Parameters are created already
+sharded (`init_sharded`: jit of the constructor with out_shardings).
+
+Call signature (one for training, prefill and decode):
+  logits, cache = model(tokens[B,T], positions[B,T], mask[B,T,S], cache, cache_index)
+`mask[b, t, s]` says whether query t may attend to key slot s. Without a
+cache S == T; with a cache S is the cache length and the new keys/values are
+written at `cache_index`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from lmsi_jax import sharding
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture. `vocab_size` is the padded embedding size (multiple of 128)."""
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  intermediate_size: int
+  head_dim: int = 0                 # 0 -> hidden_size // num_heads
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  qkv_bias: bool = False
+  max_seq_len: int = 2048
+  param_dtype: str = "float32"
+  dtype: str = "float32"            # compute dtype
+
+  def __post_init__(self):
+    if self.head_dim == 0:
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model.num_heads={self.num_heads} must be a multiple of "
+                       f"model.num_kv_heads={self.num_kv_heads}")
+    for k in ("param_dtype", "dtype"):
+      if getattr(self, k) not in DTYPES:
+        raise ValueError(f"model.{k}={getattr(self, k)!r}: expected one of {sorted(DTYPES)}")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(d).items() if k in names})
+
+  def num_params(self) -> int:
+    d, f, l = self.hidden_size, self.intermediate_size, self.num_layers
+    attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    per_layer = attn + 3 * d * f + 2 * d
+    head = 0 if self.tie_embeddings else self.vocab_size * d
+    return l * per_layer + self.vocab_size * d + head + d
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU demo size: ~100k parameters over a byte vocabulary (259 -> 384).
+    "tiny": dict(vocab_size=384, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                 intermediate_size=192, rope_theta=10_000.0, max_seq_len=512),
+    "smollm2_135m": dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
+                         num_kv_heads=3, intermediate_size=1536, rope_theta=100_000.0,
+                         norm_eps=1e-5, tie_embeddings=True, max_seq_len=8192),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  if name not in PRESETS:
+    raise ValueError(f"model.preset={name!r}: expected one of {sorted(PRESETS)}")
+  return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+_init = nnx.initializers.normal(0.02)
+
+
+def _param(rngs: nnx.Rngs, shape, names, dtype, init=_init) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, dtype, *, rngs: nnx.Rngs):
+    del rngs
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), dtype), out_sharding=("norm",))
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x, positions, theta: float):
+  """Rotary embedding, half-split (HF Llama `rotate_half`) layout. x: [B,T,H,D]."""
+  d = x.shape[-1]
+  freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  ang = positions.astype(jnp.float32)[..., None] * freq            # [B,T,D/2]
+  cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pd = DTYPES[cfg.param_dtype]
+    self.cfg = cfg
+    self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd)
+    self.k_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
+    self.v_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
+    self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd)
+    if cfg.qkv_bias:
+      zeros = nnx.initializers.zeros
+      self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), pd, zeros)
+      self.k_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, zeros)
+      self.v_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, zeros)
+
+  def __call__(self, x, positions, mask, cache, cache_index):
+    cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
+    q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
+    if cfg.qkv_bias:
+      q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+      cache = {"k": k, "v": v}
+    b, t, h, hd = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, t, kvh, h // kvh, hd) * (hd ** -0.5)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt)).astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(b, t, h, hd)
+    return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, f, pd = cfg.hidden_size, cfg.intermediate_size, DTYPES[cfg.param_dtype]
+    self.dtype = DTYPES[cfg.dtype]
+    self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
+    self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
+    self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
+
+  def __call__(self, x):
+    dt = self.dtype
+    g = x @ self.gate_proj[...].astype(dt)
+    u = x @ self.up_proj[...].astype(dt)
+    return (jax.nn.silu(g) * u) @ self.down_proj[...].astype(dt)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pd = DTYPES[cfg.param_dtype]
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, pd, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, pd, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, mask, cache, cache_index):
+    h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class Llama(nnx.Module):
+  """The decoder. `cache` is a list (one per layer) of {"k","v"}: [B,S,KV,D]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pd = DTYPES[cfg.param_dtype]
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
+    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, pd, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+
+  def __call__(self, tokens, positions, mask, cache=None, cache_index=0):
+    dt = DTYPES[self.cfg.dtype]
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+    new_cache = [] if cache is not None else None
+    for i, layer in enumerate(self.layers):
+      x, c = layer(x, positions, mask, None if cache is None else cache[i], cache_index)
+      if cache is not None:
+        new_cache.append(c)
+    x = self.final_norm(x)
+    head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+    return logits, new_cache
+
+  def init_cache(self, batch: int, length: int, dtype=None) -> list[dict[str, jax.Array]]:
+    cfg = self.cfg
+    dtype = dtype or DTYPES[cfg.dtype]
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+
+
+CACHE_LOGICAL = ("batch", "cache_length", "kv_heads", "head_dim")
+
+
+def causal_mask(length: int, valid=None):
+  """[B or 1, T, T] causal mask; `valid[B,T]` masks padded key positions."""
+  m = jnp.tril(jnp.ones((length, length), bool))[None]
+  return m if valid is None else m & valid[:, None, :].astype(bool)
+
+
+def segment_mask(segment_ids):
+  """Causal attention within packed segments (segment id > 0)."""
+  seg = segment_ids
+  same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
+  return same & causal_mask(seg.shape[1])
+
+
+def abstract_model(cfg: ModelConfig, mesh: Mesh):
+  """(graphdef, abstract state with NamedShardings, shardings) without allocating."""
+  with nnx.use_eager_sharding(False):
+    graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+  shardings = sharding.state_shardings(abs_state, mesh)
+  abs_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_state, shardings)
+  return graphdef, abs_state, shardings
+
+
+@functools.lru_cache(maxsize=32)
+def _init_fn(cfg: ModelConfig, mesh: Mesh):
+  _, _, shardings = abstract_model(cfg, mesh)
+
+  def make(key):
+    with nnx.use_eager_sharding(False):
+      return nnx.split(Llama(cfg, rngs=nnx.Rngs(params=key)))[1]
+
+  return jax.jit(make, out_shardings=shardings)
+
+
+def init_sharded(cfg: ModelConfig, mesh: Mesh, seed: int = 0):
+  """Creates the parameters directly on their shards. Returns (graphdef, state)."""
+  graphdef = abstract_model(cfg, mesh)[0]
+  return graphdef, _init_fn(cfg, mesh)(jax.random.key(seed))
+
+
+def forward(graphdef, state, tokens, positions, mask, cache=None, cache_index=0):
+  """Pure functional forward: merge (graphdef, state) and call."""
+  return nnx.merge(graphdef, state)(tokens, positions, mask, cache, cache_index)
+
+
+@dataclasses.dataclass
+class LM:
+  """A model ready to run: config, NNX graphdef, sharded state and its mesh."""
+  cfg: ModelConfig
+  graphdef: Any
+  state: Any
+  mesh: Mesh
+
+  @classmethod
+  def init(cls, cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> "LM":
+    graphdef, state = init_sharded(cfg, mesh, seed)
+    return cls(cfg, graphdef, state, mesh)
+
+  def __call__(self, tokens, positions, mask, cache=None, cache_index=0):
+    with jax.set_mesh(self.mesh):
+      return forward(self.graphdef, self.state, tokens, positions, mask, cache, cache_index)

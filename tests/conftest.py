@@ -1,0 +1,42 @@
+"""Every test sees 8 CPU devices, so sharded code is tested sharded."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+
+
+def pytest_collection_modifyitems(config, items):
+  platforms = {d.platform for d in jax.devices()}
+  allow_net = os.environ.get("LMSI_ALLOW_NETWORK") == "1"
+  for item in items:
+    if "gpu_only" in item.keywords and "gpu" not in platforms:
+      item.add_marker(pytest.mark.skip(reason="needs a GPU"))
+    if "tpu_only" in item.keywords and "tpu" not in platforms:
+      item.add_marker(pytest.mark.skip(reason="needs a TPU"))
+    if "network" in item.keywords and not allow_net:
+      item.add_marker(pytest.mark.skip(reason="needs network (set LMSI_ALLOW_NETWORK=1)"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+  """../shared next to the checkout (GSM8K JSONL, prompts); tests needing it skip without it."""
+  if not os.path.isdir(SHARED):
+    pytest.skip("../shared is not present")
+  return SHARED
+
+
+@pytest.fixture(scope="session")
+def mesh8():
+  from lmsi_jax import sharding
+  return sharding.make_mesh((2, 2, 2))
