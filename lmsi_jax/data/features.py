@@ -1,0 +1,226 @@
+"""Packed decoder-only training batches from SeqIO tasks/mixtures.
+
+Each example becomes one segment `[start] inputs targets[:-1]` predicting
+`inputs targets` (targets end with EOS); examples are packed into rows of
+exactly `seq_len` tokens with SeqIO's `PrefixLMFeatureConverter(pack=True)`.
+Loss weights cover target tokens only. An example whose inputs + targets
+exceed `seq_len` is truncated on the right (never dropped) and counted.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from lmsi_jax.data import vocab as vocab_lib
+
+_log = logging.getLogger(__name__)
+Batch = dict[str, np.ndarray]
+Provider = str | seqio.Task | seqio.Mixture
+_STATE_VERSION = 1
+
+
+class _DropUncachedSourceWarning(logging.Filter):
+  """SeqIO warns on every shuffled FunctionDataSource read; ours permutes fully per seed."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using an uncached FunctionDataset")
+
+
+logging.getLogger("absl").addFilter(_DropUncachedSourceWarning())
+
+
+def _provider(p: Provider) -> seqio.Task | seqio.Mixture:
+  return seqio.get_mixture_or_task(p) if isinstance(p, str) else p
+
+
+def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
+  opts = tf.data.Options()
+  opts.deterministic = True
+  return ds.with_options(opts)
+
+
+def pack_examples(
+    ds: tf.data.Dataset,
+    seq_len: int,
+    start_id: int,
+    truncated: tf.Variable | None = None,
+) -> tf.data.Dataset:
+  """Tokenized {"inputs", "targets"} examples -> packed rows (int32/float32 [seq_len]).
+
+  Rows have `tokens`, `targets`, `loss_weights`, `segment_ids`, `positions`;
+  `tokens` holds `start_id` at every segment start and 0 on padding
+  (`segment_ids == 0`). If given, `truncated` (an int64 variable) is
+  incremented for each example longer than `seq_len`.
+  """
+  if seq_len < 2:
+    raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+  ds = ds.map(lambda ex: {"inputs": ex["inputs"], "targets": ex["targets"]})
+  if truncated is not None:
+    def count(ex):
+      too_long = tf.size(ex["inputs"]) + tf.size(ex["targets"]) > seq_len
+      with tf.control_dependencies([truncated.assign_add(tf.cast(too_long, tf.int64))]):
+        return {k: tf.identity(v) for k, v in ex.items()}
+    ds = ds.map(count)  # sequential: exact counts
+  # The converter uses only the SUM of the task lengths (concat length); with
+  # the per-feature length check off, inputs/targets may split it freely and
+  # over-long concatenations are trimmed on the right while packing.
+  converter = seqio.PrefixLMFeatureConverter(pack=True, apply_length_check=False)
+  ds = converter(ds, {"inputs": seq_len // 2, "targets": seq_len - seq_len // 2})
+
+  def to_row(ex: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    seg = tf.cast(ex["decoder_segment_ids"], tf.int32)
+    pos = tf.cast(ex["decoder_positions"], tf.int32)
+    tokens = tf.cast(ex["decoder_input_tokens"], tf.int32)
+    tokens = tf.where((pos == 0) & (seg > 0), tf.fill(tf.shape(tokens), start_id), tokens)
+    tokens = tf.where(seg > 0, tokens, tf.zeros_like(tokens))
+    return {
+        "tokens": tokens,
+        "targets": tf.cast(ex["decoder_target_tokens"], tf.int32),
+        "loss_weights": tf.cast(ex["decoder_loss_weights"], tf.float32),
+        "segment_ids": seg,
+        "positions": pos,
+    }
+  return _deterministic(ds.map(to_row))
+
+
+def packed_dataset(
+    provider: Provider,
+    seq_len: int,
+    *,
+    split: str = "train",
+    shuffle: bool = True,
+    seed: int | None = None,
+    shard_info: seqio.ShardInfo | None = None,
+    truncated: tf.Variable | None = None,
+) -> tf.data.Dataset:
+  """One epoch of packed rows (see `pack_examples`) from a task or mixture.
+
+  A mixture's epoch ends when its first task runs out (SeqIO's
+  `stop_on_empty_dataset=True`).
+  """
+  provider = _provider(provider)
+  ds = provider.get_dataset(
+      sequence_length=None,  # trimming happens on the concatenation, in packing
+      split=split,
+      use_cached=False,
+      shuffle=shuffle,
+      seed=seed,
+      shard_info=shard_info,
+      num_epochs=1,
+  )
+  start = vocab_lib.start_id(provider.output_features["targets"].vocabulary)
+  return pack_examples(_deterministic(ds), seq_len, start, truncated)
+
+
+class BatchIterator(Iterator[Batch]):
+  """Endless, deterministic, resumable iterator of local packed batches.
+
+  Epoch `e` is `packed_dataset(..., shuffle=True, seed=seed + e)` over this
+  process's shard (`seqio.ShardInfo(shard_index, num_shards)`); epochs are
+  concatenated row by row, so no row is dropped at epoch ends. Each batch has
+  `batch_size // num_shards` rows. `state()` is the (epoch, row) position of
+  the next row; `restore(state)` rebuilds that epoch and skips to it.
+  """
+
+  def __init__(
+      self,
+      provider: Provider,
+      seq_len: int,
+      batch_size: int,
+      *,
+      seed: int = 0,
+      shard_index: int = 0,
+      num_shards: int = 1,
+      split: str = "train",
+  ):
+    if batch_size <= 0 or batch_size % num_shards:
+      raise ValueError(f"batch_size {batch_size} must be a positive multiple of num_shards {num_shards}")
+    if not 0 <= shard_index < num_shards:
+      raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
+    self._provider = _provider(provider)
+    self._seq_len, self._seed, self._split = seq_len, int(seed), split
+    self._shard = seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
+    self.local_batch_size = batch_size // num_shards
+    self._truncated = tf.Variable(0, dtype=tf.int64, trainable=False)
+    self.num_truncated = 0  # over-long examples seen in finished epochs
+    self._epoch, self._row, self._batches = 0, 0, 0
+    self._it: Iterator[Batch] | None = None
+    self._buf: Batch | None = None
+
+  def _open(self) -> Iterator[Batch]:
+    self._truncated.assign(0)
+    ds = packed_dataset(self._provider, self._seq_len, split=self._split, shuffle=True,
+                        seed=self._seed + self._epoch, shard_info=self._shard,
+                        truncated=self._truncated)
+    return iter(ds.skip(self._row).batch(self.local_batch_size).prefetch(2).as_numpy_iterator())
+
+  def _end_epoch(self) -> None:
+    n = int(self._truncated.numpy())
+    self.num_truncated += n
+    if n:
+      _log.warning("epoch %d of %s: %d example(s) longer than seq_len=%d were truncated",
+                   self._epoch, self._provider.name, n, self._seq_len)
+    self._epoch, self._row, self._it = self._epoch + 1, 0, None
+
+  def __next__(self) -> Batch:
+    parts: list[Batch] = []
+    need = self.local_batch_size
+    while need:
+      if self._buf is None:
+        if self._it is None:
+          self._it = self._open()
+        try:
+          self._buf = next(self._it)
+        except StopIteration:
+          if self._row == 0:
+            raise ValueError(f"{self._provider.name}: shard {self._shard} of split "
+                             f"{self._split!r} has no examples") from None
+          self._end_epoch()
+          continue
+      take = min(need, len(self._buf["tokens"]))
+      parts.append({k: v[:take] for k, v in self._buf.items()})
+      rest = {k: v[take:] for k, v in self._buf.items()}
+      self._buf = rest if len(rest["tokens"]) else None
+      self._row += take
+      need -= take
+    self._batches += 1
+    if len(parts) == 1:
+      return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def __iter__(self) -> BatchIterator:
+    return self
+
+  def state(self) -> dict[str, Any]:
+    """JSON-serialisable position: the next row is row `row` of epoch `epoch`."""
+    return {"version": _STATE_VERSION, "epoch": self._epoch, "row": self._row,
+            "batches": self._batches, "seed": self._seed,
+            "shard": [self._shard.index, self._shard.num_shards] if self._shard else [0, 1],
+            "seq_len": self._seq_len, "local_batch_size": self.local_batch_size}
+
+  def restore(self, state: Mapping[str, Any]) -> None:
+    """Resumes exactly at `state` (taken from an identically configured iterator)."""
+    if state.get("version") != _STATE_VERSION:
+      raise ValueError(f"unsupported iterator state version: {state.get('version')!r}")
+    mine = self.state()
+    for key in ("seed", "shard", "seq_len"):
+      if list(np.atleast_1d(state[key])) != list(np.atleast_1d(mine[key])):
+        raise ValueError(f"iterator state {key}={state[key]!r} does not match {mine[key]!r}")
+    self._epoch, self._row = int(state["epoch"]), int(state["row"])
+    self._batches = int(state["batches"])
+    self._it, self._buf = None, None
+
+
+def causal_segment_mask(segment_ids: jnp.ndarray | np.ndarray) -> jnp.ndarray:
+  """bool [B, L, L]: query i may attend key j iff same segment (> 0) and j <= i."""
+  seg = jnp.asarray(segment_ids)
+  length = seg.shape[-1]
+  same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
+  causal = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
+  return same & causal[None]
