@@ -1,0 +1,119 @@
+"""The one config schema (ml_collections), grouped by stage.
+
+Config files in `configs/` start from `base_config()` and change what they
+need; `main.py` loads them locked, so a mistyped `--config.a.b=` override is
+an error. Shared references: none; every leaf is independent.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from lmsi_jax import formats as formats_lib
+from lmsi_jax import voting
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Device mesh over (data, fsdp, model); -1 takes the remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+  # Multi-host: see lmsi_jax/distributed.py (initialises when the coordinator
+  # fields are set or a TPU pod / SLURM / MPI cluster is detected).
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="", num_processes=0, process_id=-1, initialization_timeout=300,
+      heartbeat_timeout_seconds=100))
+
+  c.model = ml_collections.ConfigDict(dict(
+      preset="tiny",            # a lmsi_jax.model.PRESETS name; ignored when checkpoint is set
+      checkpoint="",            # HF directory, .gguf file, or an lmsi_jax Orbax checkpoint dir
+      param_dtype="float32",
+      dtype="float32",          # compute dtype ("bfloat16" = mixed precision, f32 master weights)
+      max_seq_len=0,            # 0 = the preset's / checkpoint's context
+  ))
+
+  c.task = ml_collections.ConfigDict(dict(
+      name="synthetic",         # "synthetic" (built in) | "gsm8k"
+      answer_type="number",     # one of voting.ANSWER_TYPES
+      cue="The answer is",
+      stop="\nQ:",              # generations are cut at the next question
+  ))
+  # Built-in synthetic sums (task.name == "synthetic").
+  c.synthetic = ml_collections.ConfigDict(dict(
+      seed_easy_n=3000, seed_easy_terms=(2, 4), seed_hard_n=20, hard_terms=5,
+      pool_n=1000, eval_n=500, num_exemplars=2))
+  # GSM8K (task.name == "gsm8k"): JSONL dir with train.jsonl/test.jsonl, or TFDS.
+  c.data = ml_collections.ConfigDict(dict(
+      source="jsonl", dir="", pool_split="train", eval_split="test",
+      pool_limit=0, eval_limit=0, on_error="raise",
+      cot_exemplars="", standard_exemplars=""))
+
+  # Mixed formats of the pseudo-labels (LMSI Table 2); the prompt used to sample.
+  c.formats = formats_lib.FORMATS
+  c.prompt_format = "few_shot_cot"
+
+  c.sampling = ml_collections.ConfigDict(dict(
+      num_samples=32, temperature=0.7, top_k=40, top_p=1.0, max_decode_steps=256,
+      batch_size=256, questions_per_shard=256))
+  c.voting = ml_collections.ConfigDict(dict(
+      min_vote_share=0.0, max_paths=0, dedup=False, weighted=False, fallback_last_number=False))
+
+  # Fine-tuning recipe (every round, and the oracle/control arms alike).
+  c.train = ml_collections.ConfigDict(dict(
+      optimizer="adamw", learning_rate=5e-5, schedule="constant", warmup_steps=0,
+      num_steps=10_000, batch_size=32, seq_len=1024, grad_accum=1, clip_norm=1.0,
+      weight_decay=0.0, decay_embeddings=False, b1=0.9, b2=0.999, eps=1e-8, end_lr_ratio=0.1,
+      log_every=50, checkpoint_every=1000, max_to_keep=2))
+  # Stage 0: train the base model from scratch on labeled seed data (built-in task).
+  c.base_train = ml_collections.ConfigDict(dict(
+      enabled=False, num_steps=0, learning_rate=1e-3, warmup_steps=100, schedule="cosine",
+      batch_size=32, weight_decay=0.0))
+
+  c.rounds = ml_collections.ConfigDict(dict(
+      num_rounds=1,             # LMSI is one round; more is our extension
+      init="continue",          # "continue" from the last round | "restart" from the base
+      pseudo_weight=1.0,        # mixture weight of the latest round's pseudo-labels
+      seed_weight=0.0,          # ... of the labeled seed data
+      previous_weight=0.0))     # ... of earlier rounds' pseudo-labels (split evenly)
+
+  c.eval = ml_collections.ConfigDict(dict(
+      num_samples=32, temperature=1.2, base_temperature=0.7, top_k=40, top_p=1.0,
+      max_decode_steps=256, calibration_bins=5, oracle=False, control=False))
+  return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """One-line ValueErrors naming the key, before any work starts."""
+  def check(ok, key, msg):
+    if not ok:
+      raise ValueError(f"config.{key}={_get(c, key)!r}: {msg}")
+  check(c.task.name in ("synthetic", "gsm8k"), "task.name", "expected 'synthetic' or 'gsm8k'")
+  check(c.task.answer_type in voting.ANSWER_TYPES, "task.answer_type",
+        f"expected one of {voting.ANSWER_TYPES}")
+  check(len(c.formats) > 0 and all(f in formats_lib.FORMATS for f in c.formats), "formats",
+        f"each must be one of {formats_lib.FORMATS}")
+  check(c.prompt_format in formats_lib.FORMATS, "prompt_format",
+        f"expected one of {formats_lib.FORMATS}")
+  check(c.sampling.num_samples >= 1, "sampling.num_samples", "must be >= 1")
+  check(c.sampling.temperature >= 0, "sampling.temperature", "must be >= 0")
+  check(0 < c.sampling.top_p <= 1, "sampling.top_p", "must be in (0, 1]")
+  check(c.sampling.max_decode_steps >= 1, "sampling.max_decode_steps", "must be >= 1")
+  check(c.sampling.questions_per_shard >= 1, "sampling.questions_per_shard", "must be >= 1")
+  check(0 <= c.voting.min_vote_share <= 1, "voting.min_vote_share", "must be in [0, 1]")
+  check(c.voting.max_paths >= 0, "voting.max_paths", "must be >= 0 (0 = no cap)")
+  check(c.rounds.num_rounds >= 0, "rounds.num_rounds", "must be >= 0")
+  check(c.rounds.init in ("continue", "restart"), "rounds.init", "expected 'continue' or 'restart'")
+  check(c.eval.num_samples >= 1, "eval.num_samples", "must be >= 1")
+  check(c.eval.calibration_bins >= 1, "eval.calibration_bins", "must be >= 1")
+  check(c.data.source in ("jsonl", "tfds"), "data.source", "expected 'jsonl' or 'tfds'")
+  check(c.data.on_error in ("raise", "skip"), "data.on_error", "expected 'raise' or 'skip'")
+  if c.task.name == "gsm8k" and c.data.source == "jsonl":
+    check(bool(c.data.dir), "data.dir", "set it to a directory with train.jsonl and test.jsonl")
+
+
+def _get(c, dotted):
+  for k in dotted.split("."):
+    c = c[k]
+  return c
+

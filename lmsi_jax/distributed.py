@@ -1,0 +1,67 @@
+"""Multi-host start-up: one `initialize(cfg.distributed)` for every launcher.
+
+- TPU pods / GKE / SLURM / Open MPI: `jax.distributed.initialize()` detects
+  the cluster from its environment (no arguments needed).
+- GPU clusters without a detector, and CPU multi-process runs (tests,
+  launch/local_multiprocess.sh): pass `coordinator_address` ("host:port"),
+  `num_processes` and `process_id` in config, or set the environment
+  variables LMSI_COORDINATOR_ADDRESS, LMSI_NUM_PROCESSES, LMSI_PROCESS_ID.
+- A single process (a laptop, one GPU, Colab) does nothing.
+
+Must run before the first JAX computation. A peer that dies makes the
+others fail within `heartbeat_timeout_seconds` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+_ENV = ("LMSI_COORDINATOR_ADDRESS", "LMSI_NUM_PROCESSES", "LMSI_PROCESS_ID")
+
+
+def _cluster_detected() -> bool:
+  env = os.environ
+  if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    return True
+  hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+  return "," in hosts
+
+
+def initialize(dcfg=None) -> bool:
+  """Initialises jax.distributed when a multi-process run is configured or detected.
+
+  Returns True when this is a multi-process run.
+  """
+  addr = (dcfg.coordinator_address if dcfg is not None else "") or os.environ.get(_ENV[0], "")
+  nproc = (dcfg.num_processes if dcfg is not None else 0) or int(os.environ.get(_ENV[1], "0"))
+  pid = dcfg.process_id if dcfg is not None and dcfg.process_id >= 0 else int(
+      os.environ.get(_ENV[2], "-1"))
+  timeout = int(dcfg.initialization_timeout) if dcfg is not None else 300
+  heartbeat = int(dcfg.heartbeat_timeout_seconds) if dcfg is not None else 0
+  if jax.distributed.is_initialized():
+    return jax.process_count() > 1
+  kw = dict(initialization_timeout=timeout)
+  if heartbeat:
+    kw["heartbeat_timeout_seconds"] = heartbeat
+  if addr:
+    if nproc < 1 or pid < 0:
+      raise ValueError("config.distributed.coordinator_address is set: also set "
+                       "distributed.num_processes and distributed.process_id")
+    if not 0 <= pid < nproc:
+      raise ValueError(f"config.distributed.process_id={pid} not in [0, {nproc})")
+    jax.distributed.initialize(coordinator_address=addr, num_processes=nproc, process_id=pid, **kw)
+  elif _cluster_detected():
+    jax.distributed.initialize(**kw)
+  else:
+    return False
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+  return jax.process_count() > 1
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0

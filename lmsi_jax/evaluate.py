@@ -1,0 +1,85 @@
+"""Evaluation: greedy CoT accuracy, self-consistency accuracy, calibration.
+
+Gold answers are used here only to score; nothing in this module feeds
+training data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from lmsi_jax import sampler
+from lmsi_jax import voting
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  prompt_format: str
+  num_samples: int = 32
+  temperature: float = 1.2
+  top_k: int = 40
+  top_p: float = 1.0
+  max_decode_steps: int = 256
+  calibration_bins: int = 5
+  batch_size: int = 256
+  answer_type: str = "number"
+  cue: str = "The answer is"
+  stop: str = "\nQ:"
+  fallback_last_number: bool = False
+
+
+def answers_of(texts: Sequence[str], s: EvalSettings) -> list[str | None]:
+  return [voting.extract_answer(t, s.answer_type, s.cue, s.stop or None, s.fallback_last_number)
+          for t in texts]
+
+
+def calibration(shares: Sequence[float], correct: Sequence[bool], bins: int) -> list[dict]:
+  """Accuracy of the majority answer by vote-share bin (LMSI Fig. 2)."""
+  shares, correct = np.asarray(shares, float), np.asarray(correct, bool)
+  edges = np.linspace(0.0, 1.0, bins + 1)
+  out = []
+  for i in range(bins):
+    lo, hi = edges[i], edges[i + 1]
+    sel = (shares >= lo) & ((shares < hi) if i < bins - 1 else (shares <= hi))
+    n = int(sel.sum())
+    out.append({"lo": round(float(lo), 6), "hi": round(float(hi), 6), "count": n,
+                "accuracy": float(correct[sel].mean()) if n else None})
+  return out
+
+
+def score_votes(votes: Sequence[voting.Vote], gold: Sequence[str], answer_type: str) -> np.ndarray:
+  g = [voting.normalize_answer(x, answer_type) for x in gold]
+  return np.array([v.answer is not None and v.answer == gi for v, gi in zip(votes, g)])
+
+
+def evaluate(lm, vocab, questions: Sequence[dict], prompts: Sequence[str], s: EvalSettings, *,
+             seed: int, progress=None) -> dict:
+  """Greedy and self-consistency accuracy of `lm` on `questions` (gold in "answer")."""
+  gold = [q["answer"] for q in questions]
+  common = dict(top_k=s.top_k, top_p=s.top_p, max_decode_steps=s.max_decode_steps,
+                stop_strings=(s.stop,) if s.stop else (), batch_size=s.batch_size,
+                progress=progress)
+  greedy = sampler.generate(lm, vocab, prompts, num_samples=1, temperature=0.0, seed=seed, **common)
+  g_votes = [voting.majority_vote(answers_of([x[0].text], s)) for x in greedy]
+  g_ok = score_votes(g_votes, gold, s.answer_type)
+  sc = sampler.generate(lm, vocab, prompts, num_samples=s.num_samples, temperature=s.temperature,
+                        seed=seed + 1, **common)
+  votes = [voting.majority_vote(answers_of([x.text for x in row], s)) for row in sc]
+  ok = score_votes(votes, gold, s.answer_type)
+  shares = [v.share for v in votes]
+  return {
+      "greedy_acc": float(g_ok.mean()),
+      "sc_acc": float(ok.mean()),
+      "num_questions": len(questions),
+      "sc_num_samples": s.num_samples,
+      "sc_temperature": s.temperature,
+      "mean_vote_share": float(np.mean(shares)),
+      "greedy_parse_rate": float(np.mean([v.answer is not None for v in g_votes])),
+      "calibration": calibration(shares, ok, s.calibration_bins),
+      "examples": [{"id": q["id"], "question": q["question"], "gold": q["answer"],
+                    "greedy": greedy[i][0].text, "sc_answer": votes[i].answer,
+                    "sc_share": votes[i].share} for i, q in enumerate(questions[:5])],
+  }

@@ -1,0 +1,64 @@
+"""Runs the LMSI self-improvement pipeline.
+
+  python -m lmsi_jax.main --config=configs/demo.py[:smoke] --workdir=DIR [--config.a.b=value ...]
+
+Intentionally thin: the logic lives in lmsi_jax.rounds (importable from a
+notebook). Re-running the same command resumes where a killed run stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/<name>.py[:variant]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (local path or gs://...).")
+
+
+def parse_flags(argv):
+  """absl's parser, with config-override mistakes reported as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"lmsi_jax: error: {e}")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    msg = " ".join(str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").split())
+    sys.exit(f"lmsi_jax: error: bad config override among {bad}: {msg}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("--config and --workdir are required")
+  cfg = _CONFIG.value
+  from lmsi_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from lmsi_jax import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    config_lib.validate(cfg)
+    distributed.initialize(cfg.distributed)
+    from lmsi_jax import rounds  # pylint: disable=g-import-not-at-top
+    pipeline = rounds.Pipeline(cfg, _WORKDIR.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"lmsi_jax: error: {e}", file=sys.stderr)
+    return 2
+  logging.info("overrides: %s", config_flags.get_override_values(flags.FLAGS["config"]))
+  report = pipeline.run()
+  if distributed.is_main_process():
+    with open(os.path.join(_WORKDIR.value, "report.md"), encoding="utf-8") as f:
+      print(f.read())
+  del report
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

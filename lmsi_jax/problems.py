@@ -1,0 +1,81 @@
+"""The question sets a run works on: seed (labeled), pool (unlabeled), eval.
+
+`load_problem(cfg)` returns a `Problem` for the configured task. Records use
+one schema: {"id", "question", "answer" (gold, hidden: diagnostics and the
+oracle only), "cot" (a gold chain of thought or None)}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from lmsi_jax import formats as formats_lib
+from lmsi_jax.data import gsm8k
+from lmsi_jax.data import synthetic
+
+PROMPTS_DIR = os.path.join(os.path.dirname(__file__), "prompts")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  name: str
+  seed: list[dict]          # labeled (gold CoT): stage 0 and seed-data mixing
+  pool: list[dict]          # unlabeled questions LMSI samples on
+  eval: list[dict]          # held-out questions, gold hidden from training
+  exemplars: formats_lib.Exemplars | None
+  answer_type: str = "number"
+  cue: str = "The answer is"
+
+
+def _limit(records, n):
+  return records[:n] if n else records
+
+
+def load_problem(cfg) -> Problem:
+  """Builds the configured task's splits (deterministic given cfg.seed)."""
+  if cfg.task.name == "synthetic":
+    s = cfg.synthetic
+    splits = synthetic.build_splits(
+        seed=cfg.seed, seed_easy_n=s.seed_easy_n, seed_easy_terms=tuple(s.seed_easy_terms),
+        seed_hard_n=s.seed_hard_n, hard_terms=s.hard_terms, pool_n=s.pool_n, eval_n=s.eval_n)
+    exemplars = None
+    if s.num_exemplars:
+      # Exemplars come from the labeled seed data (easy sums), never from pool/eval.
+      pairs = [(r["question"], r["cot"], r["answer"]) for r in splits["seed"][:s.num_exemplars]]
+      exemplars = formats_lib.exemplars_from_pairs(pairs)
+    return Problem("synthetic", splits["seed"], splits["pool"], splits["eval"], exemplars,
+                   cfg.task.answer_type, cfg.task.cue)
+  if cfg.task.name == "gsm8k":
+    d = cfg.data
+    if d.source == "jsonl":
+      load = lambda split: gsm8k.load_split(d.dir, split, on_error=d.on_error)
+    else:
+      load = lambda split: gsm8k.load_tfds(split, on_error=d.on_error)
+    pool = _limit(load(d.pool_split), d.pool_limit)
+    evals = _limit(load(d.eval_split), d.eval_limit)
+    exemplars = formats_lib.load_exemplars(
+        d.cot_exemplars or os.path.join(PROMPTS_DIR, "gsm8k_cot_8shot.txt"),
+        d.standard_exemplars or os.path.join(PROMPTS_DIR, "gsm8k_standard_8shot.txt"))
+    return Problem("gsm8k", [], pool, evals, exemplars, cfg.task.answer_type, cfg.task.cue)
+  raise ValueError(f"config.task.name={cfg.task.name!r}: expected 'synthetic' or 'gsm8k'")
+
+
+def prompt_for(problem: Problem, question: str, prompt_format: str) -> str:
+  """The text the model continues when sampling / evaluating a question."""
+  return formats_lib.build_input(prompt_format, question, problem.exemplars)
+
+
+def with_gold_cot(problem: Problem, questions: list[dict], seed: int) -> list[dict]:
+  """Questions with a gold chain of thought (the oracle arm's labels).
+
+  The synthetic task draws a fresh random summation order per question
+  (seeded); GSM8K records already carry their reference solution.
+  """
+  if problem.name == "synthetic":
+    rng = np.random.default_rng(seed)
+    return [{**q, "cot": synthetic.gold_cot(synthetic.parse_question(q["question"]), rng)}
+            for q in questions]
+  return list(questions)

@@ -1,0 +1,128 @@
+"""The run report: report.json (a contract other tools read), report.md, plots.
+
+report.json keys: config, base {greedy_acc, sc_acc, ...}, rounds [{round,
+greedy_acc, sc_acc, num_questions, num_pseudo_labels,
+pseudo_label_precision, mean_vote_share, wall_s, ...}], oracle {greedy_acc,
+sc_acc}, control {greedy_acc, sc_acc}, pgr, calibration, wall_s.
+Accuracies and shares are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+_EVAL_KEYS = ("greedy_acc", "sc_acc", "num_questions", "sc_num_samples", "sc_temperature",
+              "mean_vote_share", "greedy_parse_rate", "calibration", "wall_s")
+
+
+def _eval_view(ev: dict | None) -> dict | None:
+  return None if ev is None else {k: ev[k] for k in _EVAL_KEYS if k in ev}
+
+
+def pgr(base: float, final: float, oracle: float | None) -> float | None:
+  """Performance gap recovered: (final - base) / (oracle - base)."""
+  if oracle is None or oracle - base <= 1e-9:
+    return None
+  return (final - base) / (oracle - base)
+
+
+def build_report(cfg, base: dict, rounds: list[dict], oracle: dict | None, control: dict | None,
+                 *, wall_s: float, wall_s_this_invocation: float) -> dict:
+  """`wall_s`: the recorded stage times summed (what an uninterrupted run takes)."""
+  last = rounds[-1] if rounds else None
+  return {
+      "config": json.loads(cfg.to_json()),
+      "base": _eval_view(base),
+      "rounds": rounds,
+      "oracle": _eval_view(oracle),
+      "control": _eval_view(control),
+      "pgr": pgr(base["greedy_acc"], last["greedy_acc"], oracle and oracle["greedy_acc"])
+             if last else None,
+      "pgr_sc": pgr(base["sc_acc"], last["sc_acc"], oracle and oracle["sc_acc"]) if last else None,
+      "calibration": (last or base)["calibration"],
+      "base_calibration": base["calibration"],
+      "wall_s": wall_s,
+      "wall_s_this_invocation": wall_s_this_invocation,
+  }
+
+
+def _pct(x) -> str:
+  return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def to_markdown(rep: dict) -> str:
+  lines = ["# LMSI run report", "",
+           "| model | greedy CoT | self-consistency | pseudo-label precision | mean vote share | wall (s) |",
+           "|---|---|---|---|---|---|"]
+  b = rep["base"]
+  lines.append(f"| base | {_pct(b['greedy_acc'])} | {_pct(b['sc_acc'])} | | | {b.get('wall_s', 0):.0f} |")
+  for r in rep["rounds"]:
+    lines.append(f"| LMSI round {r['round']} | {_pct(r['greedy_acc'])} | {_pct(r['sc_acc'])} | "
+                 f"{_pct(r['pseudo_label_precision'])} | {_pct(r['mean_vote_share'])} | "
+                 f"{r['wall_s']:.0f} |")
+  for arm in ("oracle", "control"):
+    if rep.get(arm):
+      lines.append(f"| {arm} | {_pct(rep[arm]['greedy_acc'])} | {_pct(rep[arm]['sc_acc'])} | | | "
+                   f"{rep[arm].get('wall_s', 0):.0f} |")
+  fmt = lambda x: "—" if x is None else f"{x:.2f}"
+  lines += ["", f"PGR (greedy): {fmt(rep['pgr'])}; PGR (SC): {fmt(rep.get('pgr_sc'))}; "
+                f"total stage wall time {rep['wall_s']:.0f} s.", "",
+            "Calibration of the last model (SC vote share → accuracy of the majority answer):", "",
+            "| vote share | questions | accuracy |", "|---|---|---|"]
+  for c in rep["calibration"]:
+    lines.append(f"| {c['lo']:.1f}–{c['hi']:.1f} | {c['count']} | {_pct(c['accuracy'])} |")
+  for extra in ("w2s", "format_ablation", "strategies"):
+    if rep.get(extra):
+      lines += ["", f"## {extra}", "", "```json", json.dumps(rep[extra], indent=1), "```"]
+  return "\n".join(lines) + "\n"
+
+
+def plot(rep: dict, workdir: str) -> list[str]:
+  """accuracy.png (per round, greedy and SC, base/oracle lines) and calibration.png."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  paths = []
+  xs = [0] + [r["round"] for r in rep["rounds"]]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for key, label, style in (("greedy_acc", "greedy CoT", "o-"), ("sc_acc", "self-consistency", "s-")):
+    ax.plot(xs, [rep["base"][key]] + [r[key] for r in rep["rounds"]], style, label=f"LMSI {label}")
+  ax.axhline(rep["base"]["sc_acc"], color="gray", ls=":", label="base SC")
+  if rep.get("oracle"):
+    ax.axhline(rep["oracle"]["greedy_acc"], color="green", ls="--", label="oracle greedy")
+  if rep.get("control"):
+    ax.axhline(rep["control"]["greedy_acc"], color="red", ls="--", label="control greedy")
+  ax.set(xlabel="round (0 = base)", ylabel="accuracy", ylim=(0, 1), title="Held-out accuracy")
+  ax.set_xticks(xs)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  paths.append(os.path.join(workdir, "accuracy.png"))
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(5, 4))
+  for name, cal in (("base", rep["base_calibration"]), ("last round", rep["calibration"])):
+    pts = [((c["lo"] + c["hi"]) / 2, c["accuracy"]) for c in cal if c["accuracy"] is not None]
+    if pts:
+      ax.plot(*zip(*pts), "o-", label=name)
+  ax.plot([0, 1], [0, 1], color="gray", ls=":")
+  ax.set(xlabel="vote share of the majority answer", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+         title="Calibration (self-consistency)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  paths.append(os.path.join(workdir, "calibration.png"))
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+  return paths
+
+
+def write_report(rep: dict, workdir: str) -> None:
+  """Writes report.json, report.md and the plots (process 0 only; caller checks)."""
+  for name, text in (("report.json", json.dumps(rep, indent=1, sort_keys=True)),
+                     ("report.md", to_markdown(rep))):
+    tmp = os.path.join(workdir, f".{name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(workdir, name))
+  plot(rep, workdir)

@@ -1,0 +1,291 @@
+"""The self-improvement pipeline: base → rounds (sample, vote, label, train, eval) → arms.
+
+Everything a stage produces lands atomically under the workdir:
+
+  DIR/data/seed.jsonl                   labeled seed data in the configured formats
+  DIR/base/train/                       stage 0 checkpoints (when base_train.enabled)
+  DIR/base/eval.json                    base model: greedy / SC accuracy, calibration
+  DIR/round_<r>/samples/shard_*.jsonl   m sampled paths per pool question
+  DIR/round_<r>/votes.jsonl             per question: voted answer, share, diagnostics
+  DIR/round_<r>/pseudo_labels.jsonl     kept paths × formats: the round's SeqIO task
+  DIR/round_<r>/vote_summary.json       pool precision / shares / calibration
+  DIR/round_<r>/train/                  Orbax checkpoints + TensorBoard events
+  DIR/round_<r>/eval.json               the round's model, evaluated
+  DIR/{oracle,control}/...              reference arms with the identical recipe
+  DIR/report.json, report.md, *.png     see lmsi_jax/report.py
+
+Re-running the same command skips finished stages and resumes the
+interrupted one (sampling per shard, training from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+from tqdm import tqdm
+
+from lmsi_jax import evaluate as eval_lib
+from lmsi_jax import problems
+from lmsi_jax import pseudo_labels as pl
+from lmsi_jax import report as report_lib
+from lmsi_jax import sharding
+from lmsi_jax import train as train_lib
+from lmsi_jax.data import features
+from lmsi_jax.data import jsonl
+from lmsi_jax.data import tasks
+from lmsi_jax.models_io import build_model
+
+
+def _main() -> bool:
+  return jax.process_index() == 0
+
+
+def write_json_atomic(path: str, obj) -> None:
+  if not _main():
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_json(path: str):
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _log_stage(name: str, t0: float) -> float:
+  dt = time.time() - t0
+  logging.info("stage %-24s done in %7.1f s", name, dt)
+  return dt
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """State shared by the stages of one run (a notebook can drive it stage by stage)."""
+  cfg: object
+  workdir: str
+
+  def __post_init__(self):
+    cfg = self.cfg
+    self.problem = problems.load_problem(cfg)
+    self.mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
+    self.base_lm, self.vocab = build_model(cfg, self.mesh)
+    self.vote_settings = pl.VoteSettings(
+        cfg.task.answer_type, cfg.task.cue, cfg.task.stop, cfg.voting.min_vote_share,
+        cfg.voting.max_paths, cfg.voting.dedup, cfg.voting.weighted,
+        cfg.voting.fallback_last_number)
+    self.seed_task = None
+    os.makedirs(self.workdir, exist_ok=True)
+
+  # ------------------------------------------------------------------ helpers
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.workdir, *parts)
+
+  def prompts(self, questions) -> list[str]:
+    return [problems.prompt_for(self.problem, q["question"], self.cfg.prompt_format)
+            for q in questions]
+
+  def eval_settings(self, temperature: float) -> eval_lib.EvalSettings:
+    e, t = self.cfg.eval, self.cfg.task
+    return eval_lib.EvalSettings(
+        self.cfg.prompt_format, e.num_samples, temperature, e.top_k, e.top_p,
+        e.max_decode_steps, e.calibration_bins, self.cfg.sampling.batch_size, t.answer_type,
+        t.cue, t.stop, self.cfg.voting.fallback_last_number)
+
+  def train_config(self, base: bool = False) -> train_lib.TrainConfig:
+    d = dict(self.cfg.train)
+    if base:
+      b = self.cfg.base_train
+      d.update(num_steps=b.num_steps, learning_rate=b.learning_rate, warmup_steps=b.warmup_steps,
+               schedule=b.schedule, batch_size=b.batch_size, weight_decay=b.weight_decay)
+    d["seed"] = self.cfg.seed
+    return train_lib.TrainConfig.from_dict(d)
+
+  def register(self, name: str, path: str, records=None):
+    if records is not None and _main():
+      jsonl.write_jsonl_atomic(path, records)
+    return tasks.register_task(name, path, self.vocab)
+
+  # ------------------------------------------------------------------- stages
+  def seed_data(self):
+    """Registers the labeled seed data (if the task has any) as a SeqIO task."""
+    if not self.problem.seed:
+      return None
+    path = self.path("data", "seed.jsonl")
+    recs = None if os.path.exists(path) else pl.gold_records(
+        self.problem.seed, exemplars=self.problem.exemplars, formats=self.cfg.formats,
+        round_index=0)
+    self.seed_task = self.register(tasks.seed_task_name(self.problem.name), path, recs)
+    return self.seed_task
+
+  def train(self, lm, mixture, out_dir: str, *, base: bool = False, data_seed: int = 0):
+    t0 = time.time()
+    tcfg = self.train_config(base)
+    batches = features.BatchIterator(
+        mixture, tcfg.seq_len, tcfg.batch_size, seed=data_seed,
+        shard_index=jax.process_index(), num_shards=jax.process_count())
+    # train() donates its input state; the base model is reused by later stages.
+    lm = dataclasses.replace(lm, state=jax.tree.map(lambda x: x.copy(), lm.state))
+    lm = train_lib.train(lm, batches, tcfg, out_dir, config_json=self.cfg.to_json(),
+                         desc=os.path.relpath(out_dir, self.workdir))
+    done = os.path.join(out_dir, "done.json")
+    if not os.path.exists(done):
+      write_json_atomic(done, {"wall_s": _log_stage(out_dir, t0), "num_steps": tcfg.num_steps})
+    return lm
+
+  def evaluate(self, lm, out_path: str, temperature: float, seed_offset: int) -> dict:
+    if os.path.exists(out_path):
+      return read_json(out_path)
+    t0 = time.time()
+    qs = self.problem.eval
+    s = self.eval_settings(temperature)
+    with tqdm(total=len(qs) * (1 + s.num_samples), desc=f"eval {os.path.basename(os.path.dirname(out_path))}",
+              disable=not _main(), mininterval=2) as bar:
+      res = eval_lib.evaluate(lm, self.vocab, qs, self.prompts(qs), s,
+                              seed=self.cfg.seed * 7919 + seed_offset, progress=bar.update)
+    res["wall_s"] = _log_stage(out_path, t0)
+    write_json_atomic(out_path, res)
+    return res
+
+  def sample_and_vote(self, lm, r: int, source_step: int) -> dict:
+    """Stages sample → vote → pseudo-labels for round r. Returns the vote summary."""
+    rdir = self.path(f"round_{r}")
+    summary_path = os.path.join(rdir, "vote_summary.json")
+    if os.path.exists(summary_path):
+      return read_json(summary_path)
+    t0 = time.time()
+    c, qs = self.cfg, self.problem.pool
+    s = c.sampling
+    with tqdm(total=len(qs) * s.num_samples, desc=f"sample round {r}", disable=not _main(),
+              mininterval=2) as bar:
+      samples = pl.sample_pool(
+          lm, self.vocab, qs, self.prompts(qs), os.path.join(rdir, "samples"),
+          num_samples=s.num_samples, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+          max_decode_steps=s.max_decode_steps, stop=c.task.stop, seed=c.seed * 1009 + r,
+          batch_size=s.batch_size, questions_per_shard=s.questions_per_shard,
+          progress=bar.update)
+    t_sample = _log_stage(f"round_{r}/samples", t0)
+    t1 = time.time()
+    labels, votes = pl.vote_pool(samples, qs, self.vote_settings, exemplars=self.problem.exemplars,
+                                 formats=c.formats, round_index=r, source_step=source_step)
+    if not labels:
+      logging.warning("round %d: voting kept no path (no parseable answer in any sample); "
+                      "the round trains on the rest of its mixture", r)
+    if _main():
+      jsonl.write_jsonl_atomic(os.path.join(rdir, "votes.jsonl"), votes)
+      jsonl.write_jsonl_atomic(os.path.join(rdir, "pseudo_labels.jsonl"), labels)
+    summary = pl.summarize_votes(votes, c.eval.calibration_bins)
+    summary.update(num_records=len(labels), sample_wall_s=t_sample,
+                   vote_wall_s=_log_stage(f"round_{r}/vote", t1))
+    write_json_atomic(summary_path, summary)
+    return summary
+
+  def mixture(self, arm: str, r: int, round_tasks: list) -> object:
+    """Round r's training mixture: latest labels, earlier rounds, seed data."""
+    rc = self.cfg.rounds
+    parts = []
+    if round_tasks and rc.pseudo_weight > 0:
+      parts.append((round_tasks[-1], rc.pseudo_weight))
+    if len(round_tasks) > 1 and rc.previous_weight > 0:
+      parts += [(t, rc.previous_weight / (len(round_tasks) - 1)) for t in round_tasks[:-1]]
+    if self.seed_task is not None and (rc.seed_weight > 0 or not parts):
+      parts.append((self.seed_task, rc.seed_weight or 1.0))
+    if not parts:
+      raise ValueError("rounds.pseudo_weight and rounds.seed_weight are both 0: nothing to train on")
+    return tasks.register_mixture(f"lmsi_{self.problem.name}_{arm}_round_{r}_mix", parts)
+
+  def recorded_wall_s(self) -> float:
+    """Sum of every stage's recorded wall time (survives resumes)."""
+    total = 0.0
+    for root, _, files in os.walk(self.workdir):
+      for name in ("done.json", "eval.json"):
+        if name in files:
+          total += read_json(os.path.join(root, name))["wall_s"]
+      if "vote_summary.json" in files:
+        v = read_json(os.path.join(root, "vote_summary.json"))
+        total += v["sample_wall_s"] + v["vote_wall_s"]
+    return total
+
+  # --------------------------------------------------------------------- runs
+  def run_lmsi(self, base_lm, base_steps: int) -> list[dict]:
+    rounds, current, step = [], base_lm, base_steps
+    round_tasks = []
+    for r in range(1, self.cfg.rounds.num_rounds + 1):
+      summary = self.sample_and_vote(current, r, step)
+      if summary["num_records"]:
+        round_tasks.append(self.register(tasks.round_task_name(self.problem.name, r),
+                                         self.path(f"round_{r}", "pseudo_labels.jsonl")))
+      init = current if self.cfg.rounds.init == "continue" else base_lm
+      step = (step if self.cfg.rounds.init == "continue" else base_steps) + self.cfg.train.num_steps
+      current = self.train(init, self.mixture("lmsi", r, round_tasks),
+                           self.path(f"round_{r}", "train"), data_seed=self.cfg.seed + 1000 * r)
+      ev = self.evaluate(current, self.path(f"round_{r}", "eval.json"), self.cfg.eval.temperature, r)
+      train_wall = read_json(self.path(f"round_{r}", "train", "done.json"))["wall_s"]
+      rounds.append({"round": r, "greedy_acc": ev["greedy_acc"], "sc_acc": ev["sc_acc"],
+                     "num_questions": summary["num_questions"],
+                     "num_pseudo_labels": summary["num_pseudo_labels"],
+                     "num_records": summary["num_records"],
+                     "pseudo_label_precision": summary["pseudo_label_precision"],
+                     "mean_vote_share": summary["mean_vote_share"],
+                     "pass_at_k": summary["pass_at_k"], "maj_at_k": summary["maj_at_k"],
+                     "mean_distinct_answers": summary["mean_distinct_answers"],
+                     "mean_distinct_paths": summary["mean_distinct_paths"],
+                     "pool_calibration": summary["pool_calibration"],
+                     "calibration": ev["calibration"],
+                     "wall_s": summary["sample_wall_s"] + summary["vote_wall_s"] + train_wall
+                               + ev["wall_s"]})
+    return rounds
+
+  def run_arm(self, arm: str, base_lm) -> dict | None:
+    """oracle: gold CoT for the same pool; control: seed data only. Same recipe."""
+    if arm == "control" and self.seed_task is None:
+      logging.warning("control arm skipped: the task has no labeled seed data")
+      return None
+    current, round_tasks = base_lm, []
+    for r in range(1, self.cfg.rounds.num_rounds + 1):
+      if arm == "oracle":
+        path = self.path("oracle", f"round_{r}", "labels.jsonl")
+        recs = None if os.path.exists(path) else pl.gold_records(
+            problems.with_gold_cot(self.problem, self.problem.pool, seed=self.cfg.seed + r),
+            exemplars=self.problem.exemplars, formats=self.cfg.formats, round_index=r)
+        round_tasks.append(self.register(f"lmsi_{self.problem.name}_oracle_round_{r}", path, recs))
+      init = current if self.cfg.rounds.init == "continue" else base_lm
+      current = self.train(init, self.mixture(arm, r, round_tasks),
+                           self.path(arm, f"round_{r}", "train"), data_seed=self.cfg.seed + 1000 * r)
+    return self.evaluate(current, self.path(arm, "eval.json"), self.cfg.eval.temperature, 100)
+
+  def run(self) -> dict:
+    t0 = time.time()
+    self.seed_data()
+    base_lm, base_steps = self.base_lm, 0
+    if self.cfg.base_train.enabled:
+      if self.seed_task is None:
+        raise ValueError("config.base_train.enabled=True needs a task with labeled seed data")
+      base_lm = self.train(base_lm, self.seed_task, self.path("base", "train"), base=True,
+                           data_seed=self.cfg.seed)
+      base_steps = self.cfg.base_train.num_steps
+    base = self.evaluate(base_lm, self.path("base", "eval.json"), self.cfg.eval.base_temperature, 0)
+    rounds = self.run_lmsi(base_lm, base_steps)
+    oracle = self.run_arm("oracle", base_lm) if self.cfg.eval.oracle else None
+    control = self.run_arm("control", base_lm) if self.cfg.eval.control else None
+    report = report_lib.build_report(self.cfg, base, rounds, oracle, control,
+                                     wall_s=self.recorded_wall_s(),
+                                     wall_s_this_invocation=time.time() - t0)
+    if _main():
+      report_lib.write_report(report, self.workdir)
+    return report
+
+
+def run(cfg, workdir: str) -> dict:
+  """Runs (or resumes) the whole pipeline; returns the report dict."""
+  return Pipeline(cfg, workdir).run()
+

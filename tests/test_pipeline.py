@@ -1,0 +1,143 @@
+"""The round pipeline end to end (demo :smoke), resume after SIGKILL, config errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lmsi_jax.data import jsonl
+from lmsi_jax import voting
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = [sys.executable, "-m", "lmsi_jax.main", "--config=configs/demo.py:smoke"]
+METRICS = ("greedy_acc", "sc_acc", "num_questions", "num_pseudo_labels", "pseudo_label_precision",
+           "mean_vote_share")
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def _run(workdir, *extra, timeout=900):
+  p = subprocess.run(SMOKE + [f"--workdir={workdir}", *extra], cwd=REPO, env=_env(),
+                     capture_output=True, text=True, timeout=timeout)
+  assert p.returncode == 0, p.stderr[-4000:]
+  return p
+
+
+def _run_until(workdir, marker, timeout=600):
+  """Starts the smoke run and SIGKILLs it as soon as `marker` exists."""
+  log = open(os.path.join(str(workdir) + ".log"), "a")
+  p = subprocess.Popen(SMOKE + [f"--workdir={workdir}"], cwd=REPO, env=_env(), stdout=log,
+                       stderr=subprocess.STDOUT)
+  t0 = time.time()
+  try:
+    while not os.path.exists(os.path.join(workdir, marker)):
+      assert p.poll() is None, f"run ended before {marker} appeared"
+      assert time.time() - t0 < timeout, f"{marker} did not appear in {timeout}s"
+      time.sleep(0.05)
+  finally:
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("smoke") / "run")
+  _run(workdir)
+  with open(os.path.join(workdir, "report.json")) as f:
+    return workdir, json.load(f)
+
+
+@pytest.mark.slow
+def test_smoke_report_contract(smoke):
+  workdir, rep = smoke
+  for key in ("config", "base", "rounds", "oracle", "control", "pgr", "calibration", "wall_s"):
+    assert key in rep, key
+  assert len(rep["rounds"]) == 2
+  for r, row in enumerate(rep["rounds"], 1):
+    assert row["round"] == r
+    for k in ("greedy_acc", "sc_acc", "num_questions", "num_pseudo_labels",
+              "pseudo_label_precision", "mean_vote_share", "wall_s"):
+      assert k in row, k
+    for k in ("greedy_acc", "sc_acc", "mean_vote_share"):
+      assert 0.0 <= row[k] <= 1.0
+    assert row["num_questions"] == 48 and row["wall_s"] > 0
+  for arm in ("base", "oracle", "control"):
+    assert 0.0 <= rep[arm]["greedy_acc"] <= 1.0 and 0.0 <= rep[arm]["sc_acc"] <= 1.0
+  assert rep["wall_s"] > 0
+  assert sum(c["count"] for c in rep["calibration"]) == 32
+  for name in ("report.md", "accuracy.png", "calibration.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  assert os.listdir(os.path.join(workdir, "round_1", "train", "tb"))
+
+
+@pytest.mark.slow
+def test_pseudo_labels_match_the_vote(smoke):
+  workdir, rep = smoke
+  for r in (1, 2):
+    votes = {v["id"]: v for v in jsonl.read_jsonl(os.path.join(workdir, f"round_{r}", "votes.jsonl"))}
+    labels = jsonl.read_jsonl(os.path.join(workdir, f"round_{r}", "pseudo_labels.jsonl"))
+    samples = {}
+    for name in sorted(os.listdir(os.path.join(workdir, f"round_{r}", "samples"))):
+      for s in jsonl.read_jsonl(os.path.join(workdir, f"round_{r}", "samples", name)):
+        samples[s["id"]] = s
+    assert len(samples) == 48 and all(len(s["samples"]) == 4 for s in samples.values())
+    assert len({(l["id"], l["path_index"]) for l in labels}) == rep["rounds"][r - 1]["num_pseudo_labels"]
+    for l in labels:
+      v = votes[l["id"]]
+      text = samples[l["id"]]["samples"][l["path_index"]]["text"]
+      # every kept path's answer is its question's majority answer
+      assert voting.extract_answer(text) == v["answer"] == l["answer"]
+      answers = [voting.extract_answer(s["text"]) for s in samples[l["id"]]["samples"]]
+      assert voting.majority_vote(answers).answer == v["answer"]
+      assert l["round"] == r and l["vote_share"] == v["share"]
+    # and every majority path is kept (the paper keeps all of them)
+    for qid, v in votes.items():
+      if v["answer"] is not None:
+        answers = [voting.extract_answer(s["text"]) for s in samples[qid]["samples"]]
+        assert v["kept"] == sum(a == v["answer"] for a in answers)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_in_sampling_and_training(smoke, tmp_path):
+  ref_dir, ref = smoke
+  workdir = str(tmp_path / "killed")
+  _run_until(workdir, os.path.join("round_1", "samples", "shard_00000.jsonl"))
+  assert not os.path.exists(os.path.join(workdir, "round_1", "vote_summary.json"))
+  _run_until(workdir, os.path.join("round_1", "train", "checkpoints", "6"))
+  assert not os.path.exists(os.path.join(workdir, "round_1", "eval.json"))
+  _run(workdir)
+  with open(os.path.join(workdir, "report.json")) as f:
+    rep = json.load(f)
+  for a, b in zip(ref["rounds"], rep["rounds"]):
+    assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
+  for arm in ("base", "oracle", "control"):
+    assert rep[arm]["greedy_acc"] == ref[arm]["greedy_acc"] and rep[arm]["sc_acc"] == ref[arm]["sc_acc"]
+  for r in (1, 2):
+    for name in ("pseudo_labels.jsonl", "votes.jsonl"):
+      with open(os.path.join(ref_dir, f"round_{r}", name), "rb") as f1, \
+           open(os.path.join(workdir, f"round_{r}", name), "rb") as f2:
+        assert f1.read() == f2.read(), (r, name)
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("--config.sampling.num_sample=3", 'Did you mean "num_samples"'),
+    ("--config.sampling.num_samples=abc", "invalid literal for int()"),
+    ("--config.mesh.shape=(3,1,1)", "mesh.shape=(3, 1, 1) needs 3 devices but 8 are available"),
+    ("--config.rounds.init=sideways", "config.rounds.init='sideways'"),
+])
+def test_config_errors_are_one_line(tmp_path, override, msg):
+  p = subprocess.run(SMOKE + [f"--workdir={tmp_path}", override], cwd=REPO, env=_env(),
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode != 0
+  err = [l for l in p.stderr.splitlines() if l.startswith("lmsi_jax: error:")]
+  assert len(err) == 1 and msg in err[0], p.stderr[-2000:]
+  assert "Traceback" not in p.stderr
