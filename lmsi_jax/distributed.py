@@ -5,7 +5,8 @@
 - GPU clusters without a detector, and CPU multi-process runs (tests,
   launch/local_multiprocess.sh): pass `coordinator_address` ("host:port"),
   `num_processes` and `process_id` in config, or set the environment
-  variables LMSI_COORDINATOR_ADDRESS, LMSI_NUM_PROCESSES, LMSI_PROCESS_ID.
+  variables LMSI_COORDINATOR_ADDRESS, LMSI_NUM_PROCESSES, LMSI_PROCESS_ID
+  (and LMSI_CPU_DEVICES for the CPU devices of each process).
 - A single process (a laptop, one GPU, Colab) does nothing.
 
 Must run before the first JAX computation. A peer that dies makes the
@@ -43,6 +44,9 @@ def initialize(dcfg=None) -> bool:
   heartbeat = int(dcfg.heartbeat_timeout_seconds) if dcfg is not None else 0
   if jax.distributed.is_initialized():
     return jax.process_count() > 1
+  cpu_devices = int(os.environ.get("LMSI_CPU_DEVICES", "0"))
+  if cpu_devices:   # CPU multi-process runs: devices per process, before initialize
+    jax.config.update("jax_num_cpu_devices", cpu_devices)
   kw = dict(initialization_timeout=timeout)
   if heartbeat:
     kw["heartbeat_timeout_seconds"] = heartbeat
@@ -65,3 +69,18 @@ def initialize(dcfg=None) -> bool:
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
+
+
+def agreed_exists(path: str) -> bool:
+  """Whether `path` exists, as process 0 sees it, on every process.
+
+  Stage-skipping decisions must be identical on all hosts, or one host would
+  enter a collective (sampling, training) that the others skip.
+  """
+  from lmsi_jax import fileio  # pylint: disable=g-import-not-at-top
+  found = fileio.exists(path) if is_main_process() else False
+  if jax.process_count() == 1:
+    return found
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(found)))

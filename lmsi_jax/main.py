@@ -54,9 +54,8 @@ def main(argv):
   logging.info("overrides: %s", config_flags.get_override_values(flags.FLAGS["config"]))
   report = pipeline.run()
   if distributed.is_main_process():
-    with open(os.path.join(_WORKDIR.value, "report.md"), encoding="utf-8") as f:
-      print(f.read())
-  del report
+    from lmsi_jax import report as report_lib  # pylint: disable=g-import-not-at-top
+    print(report_lib.to_markdown(report))
   return 0
 
 

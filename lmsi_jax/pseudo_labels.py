@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from lmsi_jax import distributed
 from lmsi_jax import formats as formats_lib
 from lmsi_jax import sampler
 from lmsi_jax import voting
@@ -45,12 +46,11 @@ def sample_pool(lm, vocab, questions: Sequence[dict], prompts: Sequence[str], ou
                 questions_per_shard: int, progress: Callable[[int], None] | None = None
                 ) -> list[dict]:
   """Samples every question (resumable per shard). Returns one record per question."""
-  os.makedirs(out_dir, exist_ok=True)
   records: list[dict] = []
   for start in range(0, len(questions), questions_per_shard):
     path = os.path.join(out_dir, f"shard_{start // questions_per_shard:05d}.jsonl")
     qs = questions[start:start + questions_per_shard]
-    if os.path.exists(path):
+    if distributed.agreed_exists(path):
       shard = jsonl.read_jsonl(path, required_keys=("id",))
       if [r["id"] for r in shard] != [q["id"] for q in qs]:
         raise ValueError(f"{path}: holds other questions than this config samples; "

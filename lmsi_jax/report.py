@@ -9,8 +9,11 @@ Accuracies and shares are fractions in [0, 1].
 
 from __future__ import annotations
 
+import io
 import json
 import os
+
+from lmsi_jax import fileio
 
 _EVAL_KEYS = ("greedy_acc", "sc_acc", "num_questions", "sc_num_samples", "sc_temperature",
               "mean_vote_share", "greedy_parse_rate", "calibration", "wall_s")
@@ -97,9 +100,7 @@ def plot(rep: dict, workdir: str) -> list[str]:
   ax.set_xticks(xs)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  paths.append(os.path.join(workdir, "accuracy.png"))
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
+  paths.append(_save(fig, os.path.join(workdir, "accuracy.png")))
 
   fig, ax = plt.subplots(figsize=(5, 4))
   for name, cal in (("base", rep["base_calibration"]), ("last round", rep["calibration"])):
@@ -111,18 +112,22 @@ def plot(rep: dict, workdir: str) -> list[str]:
          title="Calibration (self-consistency)")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  paths.append(os.path.join(workdir, "calibration.png"))
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
+  paths.append(_save(fig, os.path.join(workdir, "calibration.png")))
   return paths
+
+
+def _save(fig, path: str) -> str:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=120)
+  plt.close(fig)
+  fileio.write_atomic(path, [buf.getvalue()])
+  return path
 
 
 def write_report(rep: dict, workdir: str) -> None:
   """Writes report.json, report.md and the plots (process 0 only; caller checks)."""
-  for name, text in (("report.json", json.dumps(rep, indent=1, sort_keys=True)),
-                     ("report.md", to_markdown(rep))):
-    tmp = os.path.join(workdir, f".{name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(workdir, name))
+  fileio.write_text_atomic(os.path.join(workdir, "report.json"),
+                           json.dumps(rep, indent=1, sort_keys=True))
+  fileio.write_text_atomic(os.path.join(workdir, "report.md"), to_markdown(rep))
   plot(rep, workdir)

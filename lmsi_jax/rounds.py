@@ -29,7 +29,9 @@ import time
 import jax
 from tqdm import tqdm
 
+from lmsi_jax import distributed
 from lmsi_jax import evaluate as eval_lib
+from lmsi_jax import fileio
 from lmsi_jax import problems
 from lmsi_jax import pseudo_labels as pl
 from lmsi_jax import report as report_lib
@@ -46,20 +48,12 @@ def _main() -> bool:
 
 
 def write_json_atomic(path: str, obj) -> None:
-  if not _main():
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  if _main():
+    fileio.write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def read_json(path: str):
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(fileio.read_text(path))
 
 
 def _log_stage(name: str, t0: float) -> float:
@@ -84,7 +78,7 @@ class Pipeline:
         cfg.voting.max_paths, cfg.voting.dedup, cfg.voting.weighted,
         cfg.voting.fallback_last_number)
     self.seed_task = None
-    os.makedirs(self.workdir, exist_ok=True)
+    fileio.makedirs(self.workdir)
 
   # ------------------------------------------------------------------ helpers
   def path(self, *parts: str) -> str:
@@ -121,7 +115,7 @@ class Pipeline:
     if not self.problem.seed:
       return None
     path = self.path("data", "seed.jsonl")
-    recs = None if os.path.exists(path) else pl.gold_records(
+    recs = None if distributed.agreed_exists(path) else pl.gold_records(
         self.problem.seed, exemplars=self.problem.exemplars, formats=self.cfg.formats,
         round_index=0)
     self.seed_task = self.register(tasks.seed_task_name(self.problem.name), path, recs)
@@ -138,12 +132,12 @@ class Pipeline:
     lm = train_lib.train(lm, batches, tcfg, out_dir, config_json=self.cfg.to_json(),
                          desc=os.path.relpath(out_dir, self.workdir))
     done = os.path.join(out_dir, "done.json")
-    if not os.path.exists(done):
+    if not distributed.agreed_exists(done):
       write_json_atomic(done, {"wall_s": _log_stage(out_dir, t0), "num_steps": tcfg.num_steps})
     return lm
 
   def evaluate(self, lm, out_path: str, temperature: float, seed_offset: int) -> dict:
-    if os.path.exists(out_path):
+    if distributed.agreed_exists(out_path):
       return read_json(out_path)
     t0 = time.time()
     qs = self.problem.eval
@@ -160,7 +154,7 @@ class Pipeline:
     """Stages sample → vote → pseudo-labels for round r. Returns the vote summary."""
     rdir = self.path(f"round_{r}")
     summary_path = os.path.join(rdir, "vote_summary.json")
-    if os.path.exists(summary_path):
+    if distributed.agreed_exists(summary_path):
       return read_json(summary_path)
     t0 = time.time()
     c, qs = self.cfg, self.problem.pool
@@ -205,14 +199,17 @@ class Pipeline:
 
   def recorded_wall_s(self) -> float:
     """Sum of every stage's recorded wall time (survives resumes)."""
+    files = [self.path("base", "train", "done.json"), self.path("base", "eval.json")]
+    for r in range(1, self.cfg.rounds.num_rounds + 1):
+      files += [self.path(f"round_{r}", n) for n in ("vote_summary.json", "train/done.json",
+                                                     "eval.json")]
+      files += [self.path(arm, f"round_{r}", "train", "done.json") for arm in ("oracle", "control")]
+    files += [self.path(arm, "eval.json") for arm in ("oracle", "control")]
     total = 0.0
-    for root, _, files in os.walk(self.workdir):
-      for name in ("done.json", "eval.json"):
-        if name in files:
-          total += read_json(os.path.join(root, name))["wall_s"]
-      if "vote_summary.json" in files:
-        v = read_json(os.path.join(root, "vote_summary.json"))
-        total += v["sample_wall_s"] + v["vote_wall_s"]
+    for f in files:
+      if fileio.exists(f):
+        d = read_json(f)
+        total += d.get("wall_s", 0.0) + d.get("sample_wall_s", 0.0) + d.get("vote_wall_s", 0.0)
     return total
 
   # --------------------------------------------------------------------- runs
@@ -254,7 +251,7 @@ class Pipeline:
     for r in range(1, self.cfg.rounds.num_rounds + 1):
       if arm == "oracle":
         path = self.path("oracle", f"round_{r}", "labels.jsonl")
-        recs = None if os.path.exists(path) else pl.gold_records(
+        recs = None if distributed.agreed_exists(path) else pl.gold_records(
             problems.with_gold_cot(self.problem, self.problem.pool, seed=self.cfg.seed + r),
             exemplars=self.problem.exemplars, formats=self.cfg.formats, round_index=r)
         round_tasks.append(self.register(f"lmsi_{self.problem.name}_oracle_round_{r}", path, recs))

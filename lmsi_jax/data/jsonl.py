@@ -1,31 +1,18 @@
 """Validated JSONL reading and crash-safe (atomic) JSONL writing.
 
-Local paths use `os`; `gs://` paths go through `tf.io.gfile` (TensorFlow is
-imported only then).
+Local and `gs://` paths alike, through lmsi_jax.fileio.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+from lmsi_jax import fileio
+
 _log = logging.getLogger(__name__)
-
-
-def _is_remote(path: str) -> bool:
-  return path.startswith("gs://")
-
-
-def _read_bytes(path: str) -> bytes:
-  if _is_remote(path):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    with tf.io.gfile.GFile(path, "rb") as f:
-      return f.read()
-  with open(path, "rb") as f:
-    return f.read()
 
 
 def _parse_line(raw: bytes, required_keys: Sequence[str]) -> dict[str, Any]:
@@ -75,7 +62,7 @@ def read_jsonl(
   path = os.fspath(path)
   records: list[dict[str, Any]] = []
   skipped, first_error = 0, ""
-  for lineno, raw in enumerate(_read_bytes(path).split(b"\n"), start=1):
+  for lineno, raw in enumerate(fileio.read_bytes(path).split(b"\n"), start=1):
     if not raw.strip():
       continue
     try:
@@ -100,24 +87,6 @@ def _dump_line(rec: Mapping[str, Any]) -> bytes:
   return (line + "\n").encode("utf-8")
 
 
-def _write_remote(path: str, records: Iterable[Mapping[str, Any]]) -> int:
-  import uuid  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-  n = 0
-  try:
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-      for rec in records:
-        f.write(_dump_line(rec))
-        n += 1
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-  except BaseException:
-    if tf.io.gfile.exists(tmp):
-      tf.io.gfile.remove(tmp)
-    raise
-  return n
-
-
 def write_jsonl_atomic(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> int:
   """Writes `records` as JSONL so readers see the old file or the complete new one.
 
@@ -127,33 +96,4 @@ def write_jsonl_atomic(path: str | os.PathLike[str], records: Iterable[Mapping[s
   `path` is left unchanged, and the error is re-raised. Lines are
   `json.dumps(rec, ensure_ascii=False, sort_keys=True)`. Returns the count.
   """
-  path = os.fspath(path)
-  if _is_remote(path):
-    return _write_remote(path, records)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  n = 0
-  try:
-    with os.fdopen(fd, "wb") as f:
-      for rec in records:
-        f.write(_dump_line(rec))
-        n += 1
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  try:  # Make the rename itself durable.
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-      os.fsync(dir_fd)
-    finally:
-      os.close(dir_fd)
-  except OSError:
-    pass
-  return n
+  return fileio.write_atomic(os.fspath(path), (_dump_line(r) for r in records))
