@@ -80,6 +80,8 @@ def special_ids(directory: str, config: dict[str, Any] | None = None) -> dict[st
     if value is None:
       value = _token_str(tok_cfg.get(f"{key}_token"))
     out[key] = value
+  if tok_cfg.get("add_bos_token") is False:   # see gguf_vocabulary
+    out["bos"] = None
   return out
 
 
@@ -231,6 +233,10 @@ def gguf_vocabulary(meta: dict[str, Any], where: str) -> vocab_lib.HFTokenizersV
   eos = meta.get("tokenizer.ggml.eos_token_id")
   if eos is None:
     raise ValueError(f"{where}: GGUF metadata has no tokenizer.ggml.eos_token_id")
+  # A tokenizer that does not add BOS (e.g. SmolLM2) gets none: sequences then
+  # start with id 0 (vocab.start_id), not with a chat/BOS token it never saw there.
+  bos = meta.get("tokenizer.ggml.bos_token_id")
+  if not meta.get("tokenizer.ggml.add_bos_token", True):
+    bos = None
   return vocab_lib.HFTokenizersVocabulary(
-      tok, eos=int(eos), bos=meta.get("tokenizer.ggml.bos_token_id"),
-      unk=meta.get("tokenizer.ggml.unknown_token_id"))
+      tok, eos=int(eos), bos=bos, unk=meta.get("tokenizer.ggml.unknown_token_id"))
