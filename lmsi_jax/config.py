@@ -64,7 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
       optimizer="adamw", learning_rate=5e-5, schedule="constant", warmup_steps=0,
       num_steps=10_000, batch_size=32, seq_len=1024, grad_accum=1, clip_norm=1.0,
       weight_decay=0.0, decay_embeddings=False, b1=0.9, b2=0.999, eps=1e-8, end_lr_ratio=0.1,
-      log_every=50, checkpoint_every=1000, max_to_keep=2))
+      log_every=50, checkpoint_every=1000, max_to_keep=2,
+      # Logical input shards (0 = one per process). Fix it to make batches, and so
+      # results, independent of how many processes run the job.
+      data_shards=0))
   # Stage 0: train the base model from scratch on labeled seed data (built-in task).
   c.base_train = ml_collections.ConfigDict(dict(
       enabled=False, num_steps=0, learning_rate=1e-3, warmup_steps=100, schedule="cosine",

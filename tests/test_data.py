@@ -289,14 +289,24 @@ def test_batch_iterator_sharding(iter_task):
   assert sorted(seen[0] + seen[1]) == sorted(r["inputs"] for r in _records(16))
 
 
-def test_causal_segment_mask():
-  seg = np.array([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1]], np.int32)
-  m = np.asarray(features.causal_segment_mask(seg))
-  assert m.shape == (2, 6, 6) and m.dtype == bool
-  want = np.zeros((6, 6), bool)
-  want[0, 0] = want[1, :2] = True
-  want[2, 2] = want[3, 2:4] = want[4, 2:5] = True
-  assert np.array_equal(m[0], want)
-  assert np.array_equal(m[1], np.tril(np.ones((6, 6), bool)))
-  import jax  # noqa: PLC0415
-  assert np.array_equal(np.asarray(jax.jit(features.causal_segment_mask)(seg)), m)
+
+
+def test_global_batches_do_not_depend_on_process_count(iter_task):
+  """Two processes' rows, concatenated, equal the one-process global batch."""
+  one = features.GlobalBatches(iter_task, 32, 4, seed=3, num_shards=2)
+  halves = [features.GlobalBatches(iter_task, 32, 4, seed=3, num_shards=2, process_index=p,
+                                   process_count=2) for p in (0, 1)]
+  assert halves[0].local_batch_size == 2 and one.local_batch_size == 4
+  for _ in range(3):
+    a = next(one)
+    b = [next(h) for h in halves]
+    for k in a:
+      np.testing.assert_array_equal(a[k], np.concatenate([b[0][k], b[1][k]]))
+  st = halves[1].state()
+  want = next(halves[1])
+  again = features.GlobalBatches(iter_task, 32, 4, seed=3, num_shards=2, process_index=1,
+                                 process_count=2)
+  again.restore(st)
+  np.testing.assert_array_equal(next(again)["tokens"], want["tokens"])
+  with pytest.raises(ValueError, match="train.data_shards=3"):
+    features.GlobalBatches(iter_task, 32, 4, num_shards=3, process_count=2)

@@ -6,5 +6,5 @@ package does not import SeqIO/TensorFlow eagerly:
 - `jsonl`: validated `read_jsonl`, crash-safe `write_jsonl_atomic` (no TF).
 - `vocab`: `byte_vocabulary`, `HFTokenizersVocabulary`, `start_id`, `encode_prompt`.
 - `tasks`: per-round `seqio.Task` / `seqio.Mixture` factories over JSONL.
-- `features`: packed decoder-only batches, `BatchIterator`, `causal_segment_mask`.
+- `features`: packed decoder-only batches, `BatchIterator`, `GlobalBatches`.
 """

@@ -12,7 +12,6 @@ import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -217,10 +216,42 @@ class BatchIterator(Iterator[Batch]):
     self._it, self._buf = None, None
 
 
-def causal_segment_mask(segment_ids: jnp.ndarray | np.ndarray) -> jnp.ndarray:
-  """bool [B, L, L]: query i may attend key j iff same segment (> 0) and j <= i."""
-  seg = jnp.asarray(segment_ids)
-  length = seg.shape[-1]
-  same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
-  causal = jnp.arange(length)[:, None] >= jnp.arange(length)[None, :]
-  return same & causal[None]
+class GlobalBatches(Iterator[Batch]):
+  """A process's rows of a global batch that does not depend on the process count.
+
+  The global batch is the concatenation of `num_shards` logical shards'
+  batches (each `batch_size // num_shards` rows, its own `BatchIterator`).
+  Process p of P reads only shards [p*K/P, (p+1)*K/P), which are exactly the
+  rows its devices hold under a batch sharding over (data, fsdp). So 1 process
+  and 2 processes with the same `num_shards` train on identical batches.
+  """
+
+  def __init__(self, provider: Provider, seq_len: int, batch_size: int, *, seed: int = 0,
+               num_shards: int = 0, process_index: int = 0, process_count: int = 1):
+    num_shards = num_shards or process_count
+    if num_shards % process_count or batch_size % num_shards:
+      raise ValueError(f"train.data_shards={num_shards} must be a multiple of the process count "
+                       f"{process_count} and divide train.batch_size={batch_size}")
+    per = num_shards // process_count
+    self.iterators = [BatchIterator(provider, seq_len, batch_size, seed=seed, shard_index=s,
+                                    num_shards=num_shards)
+                      for s in range(process_index * per, (process_index + 1) * per)]
+    self.local_batch_size = batch_size // process_count
+
+  def __next__(self) -> Batch:
+    parts = [next(it) for it in self.iterators]
+    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts])
+                                             for k in parts[0]}
+
+  def __iter__(self) -> GlobalBatches:
+    return self
+
+  def state(self) -> dict[str, Any]:
+    return {"shards": [it.state() for it in self.iterators]}
+
+  def restore(self, state: Mapping[str, Any]) -> None:
+    if len(state["shards"]) != len(self.iterators):
+      raise ValueError(f"iterator state has {len(state['shards'])} shards, expected "
+                       f"{len(self.iterators)} (train.data_shards or the process count changed)")
+    for it, st in zip(self.iterators, state["shards"]):
+      it.restore(st)
