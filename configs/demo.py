@@ -4,8 +4,8 @@
   python -m lmsi_jax.main --config=configs/demo.py:smoke --workdir=/tmp/lmsi_smoke
 
 A ~100k-parameter byte-level model is trained from scratch on easy sums
-(2–4 terms) plus 20 labeled 5-term examples (stage 0), then self-improves
-for 3 rounds on 1,000 unlabeled 5-term questions. Two reference arms use the
+(2–4 terms) plus 200 labeled 5-term examples (stage 0), then self-improves
+for 3 rounds on 500 unlabeled 5-term questions. Two reference arms use the
 identical fine-tuning recipe: oracle (gold chains of thought for the same
 pool) and control (the same extra steps on the seed data only).
 """
@@ -18,23 +18,23 @@ def get_config(arg: str | None = None):
   c.seed = 0
   c.model.preset = "tiny"
   c.task.name = "synthetic"
-  c.synthetic.update(seed_easy_n=3000, seed_easy_terms=(2, 4), seed_hard_n=20, hard_terms=5,
-                     pool_n=1000, eval_n=500, num_exemplars=0)
+  c.synthetic.update(seed_easy_n=3000, seed_easy_terms=(2, 4), seed_hard_n=200, hard_terms=5,
+                     pool_n=500, eval_n=300, num_exemplars=0)
   # Zero-shot formats (LMSI Table 2, formats 3 and 4): on a byte-level model with a
   # few hundred tokens of context, few-shot exemplars would multiply every
   # sequence's length; set synthetic.num_exemplars > 0 to add the few-shot formats.
   c.formats = ("zero_shot_cot", "zero_shot_direct")
   c.prompt_format = "zero_shot_cot"
-  c.sampling.update(num_samples=32, temperature=0.8, top_k=0, top_p=1.0, max_decode_steps=64,
-                    batch_size=512, questions_per_shard=250)
-  c.base_train.update(enabled=True, num_steps=800, learning_rate=3e-3, warmup_steps=50,
+  c.sampling.update(num_samples=16, temperature=0.8, top_k=0, top_p=1.0, max_decode_steps=64,
+                    batch_size=512, questions_per_shard=128)
+  c.base_train.update(enabled=True, num_steps=1200, learning_rate=3e-3, warmup_steps=50,
                       schedule="cosine", batch_size=16)
   c.train.update(optimizer="adamw", learning_rate=1e-3, schedule="constant", warmup_steps=0,
-                 num_steps=300, batch_size=16, seq_len=128, clip_norm=1.0, weight_decay=0.0,
+                 num_steps=200, batch_size=16, seq_len=128, clip_norm=1.0, weight_decay=0.0,
                  log_every=100, checkpoint_every=100)
   c.rounds.update(num_rounds=3, init="continue", pseudo_weight=0.5, seed_weight=0.5,
                   previous_weight=0.0)
-  c.eval.update(num_samples=32, temperature=0.8, base_temperature=0.8, top_k=0,
+  c.eval.update(num_samples=16, temperature=0.8, base_temperature=0.8, top_k=0,
                 max_decode_steps=64, oracle=True, control=True)
   if arg == "smoke":
     c.synthetic.update(seed_easy_n=400, seed_hard_n=10, pool_n=48, eval_n=32)
