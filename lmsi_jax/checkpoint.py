@@ -1,0 +1,184 @@
+"""Orbax checkpoints: params, optimizer state, data position and metadata.
+
+A step folder holds four Composite items: `params` and `opt_state`
+(`StandardSave`; saved separately so samplers restore params alone), `data`
+(JSON: the batch iterator's position) and `meta` (JSON: configs, anything).
+Saves are asynchronous: `save()` returns once device arrays are copied to the
+host, so the next (donating) train step may run at once; a step becomes
+visible only when fully written, so a process killed mid-save leaves the
+previous step as the latest one.
+
+Restores go onto an abstract tree whose leaves carry the CURRENT mesh's
+shardings, so a checkpoint written on one mesh (or device count) restores on
+any other. Shapes are checked against the checkpoint's metadata first and a
+mismatch names the parameter.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from lmsi_jax import fileio
+from lmsi_jax import model as model_lib
+
+CHECKPOINT_SUBDIR = "checkpoints"
+ARRAY_ITEMS = ("params", "opt_state")
+JSON_ITEMS = ("data", "meta")
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+  h: dict[str, ocp.CheckpointHandler] = {k: ocp.StandardCheckpointHandler() for k in ARRAY_ITEMS}
+  h.update({k: ocp.JsonCheckpointHandler() for k in JSON_ITEMS})
+  return h
+
+
+def key_str(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """'layers/0/attn/q_proj' -> shape, for arrays, abstract arrays or Orbax metadata.
+
+  nnx.Variable's `value` level (an attribute in live trees, a dict key in
+  metadata) is dropped so both spell a parameter the same way.
+  """
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    parts = [key_str(k) for k in path]
+    if parts and parts[-1] == "value":
+      parts = parts[:-1]
+    out["/".join(parts)] = tuple(getattr(leaf, "shape", ()))
+  return out
+
+
+def check_shapes(saved, target, what: str = "parameter") -> None:
+  """Raises ValueError naming the first path whose shape (or presence) differs."""
+  have, want = flat_shapes(saved), flat_shapes(target)
+  for path in sorted(set(have) | set(want)):
+    if path not in have:
+      raise ValueError(f"{what} '{path}' (shape {want[path]}) is not in the checkpoint")
+    if path not in want:
+      raise ValueError(f"checkpoint {what} '{path}' (shape {have[path]}) is not in the model")
+    if have[path] != want[path]:
+      raise ValueError(f"{what} '{path}' has shape {have[path]} in the checkpoint but "
+                       f"{want[path]} in the model")
+
+
+def resolve_dir(directory: str) -> str:
+  """A checkpoint directory, or a training workdir holding `checkpoints/`."""
+  directory = os.path.abspath(directory)
+  sub = os.path.join(directory, CHECKPOINT_SUBDIR)
+  return sub if os.path.isdir(sub) else directory
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` with this project's four items."""
+
+  def __init__(self, directory: str, *, max_to_keep: int | None = 2, async_save: bool = True,
+               create: bool = True):
+    # gs:// stays a URL (Orbax writes GCS directly: the multi-host workdir on TPU pods).
+    self.directory = directory if fileio.is_remote(directory) else os.path.abspath(directory)
+    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                        enable_async_checkpointing=async_save,
+                                        cleanup_tmp_directories=True)
+    self._mngr = ocp.CheckpointManager(self.directory, options=opts, item_handlers=_handlers())
+
+  def save(self, step: int, params, opt_state=None, data_state: Mapping[str, Any] | None = None,
+           meta: Mapping[str, Any] | None = None) -> bool:
+    """Starts an (async) save; False if Orbax declined (e.g. the step already exists)."""
+    args = {"params": ocp.args.StandardSave(params)}
+    if opt_state is not None:
+      args["opt_state"] = ocp.args.StandardSave(opt_state)
+    args["data"] = ocp.args.JsonSave(dict(data_state or {}))
+    args["meta"] = ocp.args.JsonSave(dict(meta or {}))
+    return bool(self._mngr.save(int(step), args=ocp.args.Composite(**args)))
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def metadata(self, step: int):
+    """Orbax item metadata (shapes/dtypes of params and opt_state) without restoring."""
+    return self._mngr.item_metadata(int(step))
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    """The `meta` JSON item of `step` alone."""
+    r = self._mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(r["meta"] or {})
+
+  def restore(self, step: int, abstract_params, abstract_opt_state=None) -> dict[str, Any]:
+    """Restores onto the shardings carried by the abstract trees.
+
+    Returns {"params", "data", "meta"} (+ "opt_state" when its abstract tree is
+    given). Raises ValueError on a shape mismatch, naming the path.
+    """
+    step = _step(self, step)
+    md = self._mngr.item_metadata(step)
+    check_shapes(md["params"], abstract_params)
+    args = {"params": ocp.args.StandardRestore(abstract_params),
+            "data": ocp.args.JsonRestore(), "meta": ocp.args.JsonRestore()}
+    if abstract_opt_state is not None:
+      if md.get("opt_state") is None:
+        raise ValueError(f"checkpoint step {step} in {self.directory} has no optimizer state")
+      check_shapes(md["opt_state"], abstract_opt_state, "optimizer state")
+      args["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    r = self._mngr.restore(step, args=ocp.args.Composite(**args))
+    out = {k: r[k] for k in args}
+    out["data"], out["meta"] = out["data"] or {}, out["meta"] or {}
+    return out
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def read_meta(directory: str, step: int | None = None) -> dict[str, Any]:
+  """The `meta` item (config JSON, model/train configs) of a step (default: latest)."""
+  with _open(directory) as ckpt:
+    return ckpt.read_meta(_step(ckpt, step))
+
+
+def _open(directory: str) -> Checkpointer:
+  path = resolve_dir(directory)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+  return Checkpointer(path, max_to_keep=None, async_save=False, create=False)
+
+
+def _step(ckpt: Checkpointer, step: int | None) -> int:
+  if step is None:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+  if int(step) not in ckpt.all_steps():
+    raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory} "
+                            f"(have {ckpt.all_steps()})")
+  return int(step)
+
+
+def restore_params(directory: str, cfg: model_lib.ModelConfig, mesh: Mesh,
+                   step: int | None = None) -> model_lib.LM:
+  """An LM with params from `directory` (checkpoint dir or workdir), sharded on `mesh`."""
+  graphdef, abs_state, _ = model_lib.abstract_model(cfg, mesh)
+  with _open(directory) as ckpt:
+    params = ckpt.restore(_step(ckpt, step), abs_state)["params"]
+  return model_lib.LM(cfg, graphdef, params, mesh)

@@ -1,0 +1,198 @@
+"""Training: config validation, optimizer, sharded step, accumulation, resume, NaN stop."""
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmsi_jax import checkpoint as ckpt_lib
+from lmsi_jax import model as model_lib
+from lmsi_jax import train as train_lib
+
+import train_worker as tw  # tests/ is on sys.path (rootdir-relative test imports)
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+CFG = model_lib.ModelConfig(**tw.CFG)
+
+
+def _tcfg(**kw) -> train_lib.TrainConfig:
+  return train_lib.TrainConfig.from_dict({**tw.TCFG, **kw})
+
+
+def test_config_lmsi_setting_and_validation():
+  c = train_lib.TrainConfig.from_dict({"num_steps": 10_000, "learning_rate": 5e-5, "batch_size": 32})
+  assert (c.num_steps, c.learning_rate, c.batch_size) == (10_000, 5e-5, 32)
+  bad = [({"num_stepz": 3}, r"train\.num_stepz: unknown key"),
+         ({"batch_size": 30, "grad_accum": 4}, r"train\.batch_size=30: must be divisible by train\.grad_accum=4"),
+         ({"num_steps": 0}, r"train\.num_steps=0: must be > 0"),
+         ({"grad_accum": 0}, r"train\.grad_accum=0: must be > 0"),
+         ({"optimizer": "sgd"}, r"train\.optimizer='sgd'"),
+         ({"learning_rate": "5e-5"}, r"train\.learning_rate='5e-5': expected float"),
+         ({"warmup_steps": 1.5}, r"train\.warmup_steps=1\.5: expected int"),
+         ({"b2": 1.0}, r"train\.b2=1\.0: must be in \[0, 1\)")]
+  for d, msg in bad:
+    with pytest.raises(ValueError, match=msg):
+      train_lib.TrainConfig.from_dict(d)
+
+
+def test_schedule_and_decay_mask(mesh8):
+  s = train_lib.learning_rate_schedule(train_lib.TrainConfig(
+      learning_rate=1.0, warmup_steps=4, num_steps=104, end_lr_ratio=0.1))
+  np.testing.assert_allclose([float(s(i)) for i in (0, 3, 4, 54, 104, 200)],
+                             [0.25, 1.0, 1.0, 0.55, 0.1, 0.1], atol=1e-6)
+  c = train_lib.learning_rate_schedule(train_lib.TrainConfig(
+      learning_rate=2.0, warmup_steps=0, schedule="constant"))
+  assert float(c(0)) == float(c(999)) == 2.0
+  params = model_lib.abstract_model(model_lib.ModelConfig(
+      **{**tw.CFG, "tie_embeddings": False, "qkv_bias": True}), mesh8)[1]
+  for decay_emb in (False, True):
+    flat = train_lib.decay_mask(train_lib.TrainConfig(decay_embeddings=decay_emb))(params)
+    got = dict(zip(ckpt_lib.flat_shapes(params), jax.tree.leaves(flat)))
+    assert got["layers/0/mlp/gate_proj"] and got["layers/1/attn/o_proj"]
+    assert not got["final_norm/scale"] and not got["layers/0/attn_norm/scale"]
+    assert not got["layers/0/attn/q_bias"]
+    assert got["embed"] == got["lm_head"] == decay_emb
+
+
+def test_opt_state_sharded_like_params(mesh8):
+  lm = model_lib.LM.init(CFG, mesh8)
+  step = train_lib.make_train_step(lm, _tcfg())
+  opt = step.init(lm.state)
+  adam = opt[1][0]
+  param_sh = jax.tree.leaves(jax.tree.map(lambda x: x.sharding, lm.state))
+  assert any(len(s.spec) == 2 and s.spec[0] == "fsdp" and s.spec[1] == "model" for s in param_sh)
+  for moments in (adam.mu, adam.nu):
+    got = [x.sharding for x in jax.tree.leaves(moments)]
+    assert got == param_sh
+    assert all(a.spec == b.spec for a, b in zip(got, param_sh))
+  assert adam.count.sharding.spec == jax.sharding.PartitionSpec()
+  # Adafactor: factored statistics (other shapes) are replicated, not mis-sharded.
+  fac = train_lib.make_train_step(lm, _tcfg(optimizer="adafactor"))
+  for s, leaf in zip(jax.tree.leaves(fac.opt_shardings), jax.tree.leaves(fac.abstract_opt_state)):
+    assert s == leaf.sharding
+    assert all(d % 2 == 0 for d, ax in zip(leaf.shape, s.spec) if ax)
+
+
+def test_grad_accumulation_equals_big_batch(mesh8):
+  batch = tw.make_batch(np.random.default_rng(0), 8, 32)
+  assert len(set(batch["loss_weights"].sum(1))) > 2      # ragged target counts per row
+  out = {}
+  for k in (1, 2):
+    lm = model_lib.LM.init(CFG, mesh8, seed=3)
+    step = train_lib.make_train_step(lm, _tcfg(grad_accum=k))
+    params, opt, m = step(lm.state, step.init(lm.state), batch, 0)
+    mu = [np.asarray(x) for x in jax.tree.leaves(opt[1][0].mu)]   # (1 - b1) * clipped grad
+    out[k] = (float(m["loss"]), float(m["grad_norm"]), mu, jax.tree.leaves(params))
+  (l1, g1, mu1, p1), (l2, g2, mu2, p2) = out[1], out[2]
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  np.testing.assert_allclose(g1, g2, rtol=1e-5)
+  for a, b in zip(mu1, mu2):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
+  for a, b in zip(p1, p2):  # Adam's 1st step ~ lr * sign(g): tiny grads amplify rounding
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-5)
+
+
+def test_bf16_compute_f32_master_weights(mesh8):
+  f32 = model_lib.LM.init(CFG, mesh8)
+  bf16_cfg = model_lib.ModelConfig(**tw.CFG, dtype="bfloat16")   # f32 params, bf16 compute
+  lm = model_lib.LM(bf16_cfg, model_lib.abstract_model(bf16_cfg, mesh8)[0], f32.state, mesh8)
+  step = train_lib.make_train_step(lm, _tcfg())
+  batch = tw.make_batch(np.random.default_rng(0), 8, 32)
+  params, opt, m = step(lm.state, step.init(lm.state), batch, 0)
+  assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+  assert 3.0 < float(m["loss"]) < 6.0                    # ~ln(128) at init
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+  assert {x.dtype for x in jax.tree.leaves(opt[1][0].mu)} == {jnp.dtype("float32")}
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(mesh8, tmp_path):
+  def nan_after_3(logits, batch, ctx):
+    l, w = train_lib.cross_entropy_loss(logits, batch)
+    return jnp.where(ctx.step >= 3, jnp.nan, l), w
+  lm = model_lib.LM.init(CFG, mesh8)
+  with pytest.raises(FloatingPointError,
+                     match=r"non-finite loss at step 3 .*last good checkpoint: step 2"):
+    train_lib.train(lm, tw.ArrayBatches(8, 32), _tcfg(checkpoint_every=2), str(tmp_path),
+                    loss_fn=nan_after_3)
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"))
+  assert ck.all_steps() == [2]
+  params = ck.restore(2, train_lib.make_train_step(model_lib.LM.init(CFG, mesh8), _tcfg()).abstract_params)["params"]
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """An uninterrupted run of tw.TCFG: (workdir, trained LM, flat final params)."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  out = tw.run(workdir)
+  return workdir, out, tw.flat_params(out.state)
+
+
+def test_loss_falls_logs_and_skips_when_done(mesh8, straight):
+  workdir, out, _ = straight
+  evals = lambda: tw.ArrayBatches(8, 32, seed=99)
+  before = train_lib.evaluate_loss(model_lib.LM.init(CFG, mesh8), evals(), 2)
+  after = train_lib.evaluate_loss(out, evals(), 2)
+  assert before > 4.0 and after < 0.7 * before, (before, after)
+  assert ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [10, 20]
+  meta = ckpt_lib.read_meta(workdir)
+  assert meta["step"] == 20 and meta["model_config"] == dataclasses.asdict(CFG)
+  assert meta["train_config"] == dataclasses.asdict(_tcfg())
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
+  # Done already: restored, not retrained (an empty iterator would fail otherwise).
+  again = train_lib.train(model_lib.LM.init(CFG, mesh8, seed=5), iter(()), _tcfg(), workdir)
+  for a, b in zip(jax.tree.leaves(out.state), jax.tree.leaves(again.state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _assert_same(a: dict, b: dict):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_crash_and_resume_matches_uninterrupted(straight, tmp_path):
+  straight_params = straight[2]
+  with pytest.raises(RuntimeError, match="simulated crash before batch 10"):
+    tw.run(str(tmp_path), fail_at=10)
+  assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [10]
+  resumed = tw.run(str(tmp_path))          # new LM init, fresh iterator, same workdir
+  _assert_same(tw.flat_params(resumed.state), straight_params)
+  assert not np.allclose(straight_params["embed"],
+                         tw.flat_params(model_lib.LM.init(CFG, resumed.mesh).state)["embed"])
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_matches(straight, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),  # the re-run skips compiling
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  cmd = [sys.executable, os.path.join(REPO, "tests", "train_worker.py"), str(tmp_path / "w"),
+         str(tmp_path / "out.npz"), "0.3"]
+  first = tmp_path / "w" / "checkpoints" / "10" / "commit_success.txt"
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  try:
+    deadline = time.time() + 120
+    while not first.exists():
+      assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+      assert time.time() < deadline, "worker wrote no checkpoint"
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert not (tmp_path / "out.npz").exists()
+  done = subprocess.run(cmd[:-1], env=env, capture_output=True, timeout=180)
+  assert done.returncode == 0, done.stderr.decode()[-3000:]
+  with np.load(tmp_path / "out.npz") as f:
+    _assert_same(dict(f), straight[2])
