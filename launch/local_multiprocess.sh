@@ -6,7 +6,8 @@
 #
 # Process i gets LMSI_PROCESS_ID=i; all share a free 127.0.0.1 port as coordinator.
 # Logs: <workdir>/process_<i>.log when --workdir=... is given, else stdout. If any
-# process fails, the others are stopped and the script exits non-zero.
+# process fails, the others are stopped and the script exits non-zero. PYTHON picks
+# the interpreter (default: python on PATH).
 set -euo pipefail
 N=${1:?usage: local_multiprocess.sh N [--devices_per_process D] -- args...}
 shift
@@ -18,18 +19,34 @@ WORKDIR=""
 for a in "$@"; do [[ "$a" == --workdir=* ]] && WORKDIR=${a#--workdir=}; done
 [[ -n "$WORKDIR" ]] && mkdir -p "$WORKDIR"
 pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM EXIT   # never leave orphans behind
+run() {
+  exec env -u XLA_FLAGS LMSI_COORDINATOR_ADDRESS="127.0.0.1:$PORT" LMSI_NUM_PROCESSES="$N" \
+    LMSI_PROCESS_ID="$1" LMSI_CPU_DEVICES="$DEVICES" JAX_PLATFORMS=cpu \
+    "${PYTHON:-python}" -m lmsi_jax.main "${@:2}"
+}
 for ((i = 0; i < N; i++)); do
-  log=/dev/stdout
-  [[ -n "$WORKDIR" ]] && log="$WORKDIR/process_$i.log"
-  env -u XLA_FLAGS LMSI_COORDINATOR_ADDRESS="127.0.0.1:$PORT" LMSI_NUM_PROCESSES="$N" \
-    LMSI_PROCESS_ID="$i" LMSI_CPU_DEVICES="$DEVICES" JAX_PLATFORMS=cpu \
-    python -m lmsi_jax.main "$@" >"$log" 2>&1 &
+  if [[ -n "$WORKDIR" ]]; then run "$i" "$@" >"$WORKDIR/process_$i.log" 2>&1 & else run "$i" "$@" & fi
   pids+=($!)
 done
+# Wait for whichever process ends first (bash >= 5.1): a failure stops the rest at once
+# instead of leaving them blocked in a collective with a dead peer.
 status=0
-for pid in "${pids[@]}"; do
-  if ! wait "$pid"; then
-    status=1
+left=("${pids[@]}")
+while ((${#left[@]})); do
+  rc=0
+  wait -n -p done_pid "${left[@]}" || rc=$?
+  rest=()
+  for p in "${left[@]}"; do if [[ $p != "${done_pid:-}" ]]; then rest+=("$p"); fi; done
+  left=("${rest[@]}")
+  if [[ $rc != 0 && $status == 0 ]]; then
+    status=$rc
+    for ((i = 0; i < N; i++)); do
+      if [[ ${pids[$i]} == "${done_pid:-}" ]]; then
+        echo "local_multiprocess.sh: process $i exited with status $rc" \
+          "${WORKDIR:+(log: $WORKDIR/process_$i.log) }- stopping the others" >&2
+      fi
+    done
     kill "${pids[@]}" 2>/dev/null || true
   fi
 done

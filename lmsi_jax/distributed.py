@@ -9,14 +9,26 @@
   (and LMSI_CPU_DEVICES for the CPU devices of each process).
 - A single process (a laptop, one GPU, Colab) does nothing.
 
-Must run before the first JAX computation. A peer that dies makes the
-others fail within `heartbeat_timeout_seconds` instead of hanging.
+Must run before the first JAX computation. In a multi-process run it also
+prefixes every log line with `[process i/N]` and makes failures end the job
+instead of hanging it:
+
+- A process killed outright: its peers' next collective may fail at once (on
+  CPU, gloo sees the closed connection); in any case the coordination service
+  notices the missing heartbeats within `heartbeat_timeout_seconds` and
+  terminates every task ("...distributed service detected fatal errors").
+- A process whose Python code raises: a normal exit would wait in jax's
+  shutdown barrier (5 min) while its peers block in a collective that it
+  never joins. The installed `sys.excepthook` prints the traceback and leaves
+  with `os._exit(1)` instead, so the peers fail fast as above.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import traceback
 
 import jax
 
@@ -61,10 +73,62 @@ def initialize(dcfg=None) -> bool:
     jax.distributed.initialize(**kw)
   else:
     return False
+  if jax.process_count() > 1:
+    _label_logs(f"[process {jax.process_index()}/{jax.process_count()}]")
+    sys.excepthook = _exit_now_on_error(sys.excepthook, jax.process_index(), jax.process_count())
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   return jax.process_count() > 1
+
+
+class _Prefix(logging.Filter):
+  """Prepends `[process i/N]` to each record's message (once per record)."""
+
+  def __init__(self, prefix: str):
+    super().__init__()
+    self.prefix = prefix
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not getattr(record, "lmsi_prefixed", False):
+      record.msg, record.lmsi_prefixed = f"{self.prefix} {record.msg}", True
+    return True
+
+
+def _label_logs(prefix: str) -> None:
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  handlers = set(logging.getLogger().handlers) | {absl_logging.get_absl_handler()}
+  for h in handlers:
+    if not any(isinstance(f, _Prefix) for f in h.filters):
+      h.addFilter(_Prefix(prefix))
+
+
+def _exit_now_on_error(prev_hook, index: int, count: int):
+  """An excepthook that reports the error and exits without jax's shutdown barrier."""
+  def hook(etype, value, tb):
+    try:
+      prev_hook(etype, value, tb)
+    except Exception:  # pylint: disable=broad-except
+      traceback.print_exception(etype, value, tb)
+    print(f"lmsi_jax: error: [process {index}/{count}] "
+          f"{etype.__name__}: {value}\n(multi-process run: exiting now so the other processes "
+          "fail fast; if this is a collective/gloo/distributed error, another process probably "
+          "died first: see its log)", file=sys.stderr)
+    for f in (sys.stdout, sys.stderr):
+      try:
+        f.flush()
+      except Exception:  # pylint: disable=broad-except
+        pass
+    logging.shutdown()
+    os._exit(1)
+  return hook
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches `name` (e.g. before reading a file process 0 wrote)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def is_main_process() -> bool:

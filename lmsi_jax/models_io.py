@@ -8,7 +8,6 @@ initialised randomly over the byte vocabulary.
 
 from __future__ import annotations
 
-import json
 import os
 
 from lmsi_jax import model as model_lib
@@ -41,11 +40,11 @@ def build_model(cfg, mesh):
 
 
 def _load_lmsi_checkpoint(path: str, mesh):
-  """An Orbax directory written by lmsi_jax.train (its config travels in `meta`)."""
+  """An Orbax directory written by lmsi_jax.train: its meta item carries the model config."""
   from lmsi_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   meta = ckpt_lib.read_meta(path)
-  model_cfg = json.loads(meta["config"])["model"] if isinstance(meta.get("config"), str) \
-      else meta["config"]["model"]
-  mcfg = model_lib.ModelConfig.from_dict(meta.get("model_config") or model_lib.PRESETS[model_cfg["preset"]])
-  lm = ckpt_lib.restore_params(path, mcfg, mesh)
-  return lm, vocab_lib.byte_vocabulary()
+  if "model_config" not in meta:
+    raise ValueError(f"config.model.checkpoint={path!r}: no model_config in its meta item "
+                     "(not a checkpoint written by lmsi_jax.train?)")
+  mcfg = model_lib.ModelConfig.from_dict(meta["model_config"])
+  return ckpt_lib.restore_params(path, mcfg, mesh), vocab_lib.byte_vocabulary()

@@ -97,6 +97,7 @@ class Pipeline:
 
   def train_config(self, base: bool = False) -> train_lib.TrainConfig:
     d = dict(self.cfg.train)
+    d.pop("data_shards")            # an input-pipeline setting (see Pipeline.train)
     if base:
       b = self.cfg.base_train
       d.update(num_steps=b.num_steps, learning_rate=b.learning_rate, warmup_steps=b.warmup_steps,
@@ -107,6 +108,7 @@ class Pipeline:
   def register(self, name: str, path: str, records=None):
     if records is not None and _main():
       jsonl.write_jsonl_atomic(path, records)
+    distributed.barrier(f"register {name}")   # every process reads the file process 0 wrote
     return tasks.register_task(name, path, self.vocab)
 
   # ------------------------------------------------------------------- stages
@@ -124,9 +126,10 @@ class Pipeline:
   def train(self, lm, mixture, out_dir: str, *, base: bool = False, data_seed: int = 0):
     t0 = time.time()
     tcfg = self.train_config(base)
-    batches = features.BatchIterator(
+    batches = features.GlobalBatches(
         mixture, tcfg.seq_len, tcfg.batch_size, seed=data_seed,
-        shard_index=jax.process_index(), num_shards=jax.process_count())
+        num_shards=self.cfg.train.data_shards, process_index=jax.process_index(),
+        process_count=jax.process_count())
     # train() donates its input state; the base model is reused by later stages.
     lm = dataclasses.replace(lm, state=jax.tree.map(lambda x: x.copy(), lm.state))
     lm = train_lib.train(lm, batches, tcfg, out_dir, config_json=self.cfg.to_json(),

@@ -141,3 +141,19 @@ def test_config_errors_are_one_line(tmp_path, override, msg):
   err = [l for l in p.stderr.splitlines() if l.startswith("lmsi_jax: error:")]
   assert len(err) == 1 and msg in err[0], p.stderr[-2000:]
   assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_round_checkpoint_loads_as_model_checkpoint(smoke, mesh8):
+  """A round's Orbax directory is a valid `model.checkpoint` for a new run."""
+  import numpy as np
+  from lmsi_jax import config as config_lib
+  from lmsi_jax import models_io
+  workdir, _ = smoke
+  cfg = config_lib.base_config()
+  cfg.model.checkpoint = os.path.join(workdir, "round_2", "train")
+  lm, vocab = models_io.build_model(cfg, mesh8)
+  assert lm.cfg.hidden_size == 64 and vocab.vocab_size == 259
+  from lmsi_jax import checkpoint as ckpt_lib
+  ref = ckpt_lib.restore_params(cfg.model.checkpoint, lm.cfg, mesh8)
+  np.testing.assert_array_equal(np.asarray(lm.state["embed"][...]), np.asarray(ref.state["embed"][...]))
