@@ -141,18 +141,52 @@ class Attention(nnx.Module):
     if cfg.qkv_bias:
       q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    b, t, h, hd = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, t, kvh, h // kvh, hd) * (hd ** -0.5)
+    if cache is not None and t == 1:                                    # one decode step
+      out = _decode_attention(q[:, 0], k[:, 0].astype(dt), v[:, 0].astype(dt), cache["k"].astype(dt),
+                              cache["v"].astype(dt), mask[:, 0], cache_index).reshape(b, t, h, hd)
     if cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
       cache = {"k": k, "v": v}
-    b, t, h, hd = q.shape
-    kvh = k.shape[2]
-    q = q.reshape(b, t, kvh, h // kvh, hd) * (hd ** -0.5)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt)).astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(b, t, h, hd)
+    if cache is None or t > 1:
+      scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt)).astype(jnp.float32)
+      scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+      out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(b, t, h, hd)
     return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), cache
+
+
+def _decode_attention(q, k_new, v_new, k_cache, v_cache, mask, index):
+  """Single-query attention; same result as writing (k_new, v_new) at `index` and attending.
+
+  q [B,KV,G,D], k_new/v_new [B,KV,D], caches [B,S,KV,D] (before the update), mask [B,S].
+  Reads the *old* cache so the in-place cache update does not feed the
+  attention: XLA would otherwise copy or transpose the whole cache per layer
+  and step (more traffic than the attention). Each row's cache is one
+  [S, KV*D] matrix (a free reshape) multiplied by a block-diagonal query
+  [KV*D, KV*G]; zero blocks make it exactly the per-head scores, at KV x the
+  (tiny) FLOPs. Slot `index` takes the new key/value.
+  """
+  b, s, kvh, hd = k_cache.shape
+  g = q.shape[2]
+  dt = q.dtype
+  eye = jnp.eye(kvh, dtype=dt)
+  qb = (jnp.swapaxes(q, 2, 3)[:, :, :, None, :] * eye[None, :, None, :, None]).reshape(b, kvh * hd, kvh * g)
+  scores = jnp.einsum("bsc,bcj->bsj", k_cache.reshape(b, s, kvh * hd), qb,
+                      preferred_element_type=jnp.float32)                     # [B,S,(KV,G)]
+  new = jnp.sum(q * k_new[:, :, None, :], -1, dtype=jnp.float32).reshape(b, 1, kvh * g)
+  here = (jnp.arange(s) == index)[None, :, None]
+  scores = jnp.where(here, new, scores)
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=1)
+  p_new = jnp.sum(jnp.where(here, probs, 0.0), 1).reshape(b, kvh, g, 1)
+  p_old = jnp.where(here, 0.0, probs).astype(dt)
+  out = jnp.einsum("bsj,bsc->bjc", p_old, v_cache.reshape(b, s, kvh * hd))   # [B,(KV,G),(KV,D)]
+  out = (out.reshape(b, kvh, g, kvh, hd) * eye[None, :, None, :, None]).sum(3)
+  return (out + p_new * v_new[:, :, None, :]).astype(dt)
 
 
 class MLP(nnx.Module):
@@ -199,6 +233,11 @@ class Llama(nnx.Module):
       self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
 
   def __call__(self, tokens, positions, mask, cache=None, cache_index=0):
+    x, new_cache = self.hidden(tokens, positions, mask, cache, cache_index)
+    return self.logits(x), new_cache
+
+  def hidden(self, tokens, positions, mask, cache=None, cache_index=0):
+    """Final-norm hidden states [B,T,D] and the cache: `__call__` without the LM head."""
     dt = DTYPES[self.cfg.dtype]
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
     new_cache = [] if cache is not None else None
@@ -206,10 +245,13 @@ class Llama(nnx.Module):
       x, c = layer(x, positions, mask, None if cache is None else cache[i], cache_index)
       if cache is not None:
         new_cache.append(c)
-    x = self.final_norm(x)
+    return self.final_norm(x), new_cache
+
+  def logits(self, x):
+    """LM head: [B,T,D] hidden states -> [B,T,V] f32 logits."""
+    dt = DTYPES[self.cfg.dtype]
     head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-    logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
-    return logits, new_cache
+    return jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
 
   def init_cache(self, batch: int, length: int, dtype=None) -> list[dict[str, jax.Array]]:
     cfg = self.cfg

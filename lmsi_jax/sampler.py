@@ -99,7 +99,8 @@ def decode(graphdef, state, prompt, prompt_mask, keys, *, params: SamplingParams
   plen = prompt_mask.sum(-1).astype(jnp.int32)
   positions = jnp.maximum(jnp.cumsum(prompt_mask, -1) - 1, 0).astype(jnp.int32)
   mask = (s_idx[None, None, :] <= jnp.arange(tp)[None, :, None]) & valid_kv[:, None, :]
-  logits, cache = model(prompt, positions, mask, constrain(model.init_cache(b, s)), 0)
+  hidden, cache = model.hidden(prompt, positions, mask, constrain(model.init_cache(b, s)), 0)
+  logits = model.logits(hidden[:, -1:])         # only the last prompt position is sampled from
   max_stop = max([len(q) for q in stop_sequences] + [1])
   stops = [jnp.asarray(q, jnp.int32) for q in stop_sequences]
 
@@ -107,7 +108,8 @@ def decode(graphdef, state, prompt, prompt_mask, keys, *, params: SamplingParams
     logits_last = jnp.where(jnp.arange(logits_last.shape[-1]) < vocab_limit, logits_last, NEG_INF)
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
     tok = sample_tokens(logits_last, step_keys, params)
-    lp = jnp.take_along_axis(jax.nn.log_softmax(logits_last, -1), tok[:, None], -1)[:, 0]
+    lse = jax.nn.logsumexp(logits_last, -1)      # log_softmax at the sampled token only
+    lp = jnp.take_along_axis(logits_last, tok[:, None], -1)[:, 0] - lse
     return tok, lp
 
   def advance(st: _State, tok, lp, cache):

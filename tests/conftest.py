@@ -1,5 +1,6 @@
 """Every test sees 8 CPU devices, so sharded code is tested sharded."""
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
@@ -7,6 +8,10 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# One persistent compilation cache for the session and the subprocesses it starts
+# (smoke runs, multi-process runs): identical programs compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"lmsi_jax_test_cache_{os.getuid()}"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
