@@ -197,7 +197,9 @@ class Pipeline:
     if self.seed_task is not None and (rc.seed_weight > 0 or not parts):
       parts.append((self.seed_task, rc.seed_weight or 1.0))
     if not parts:
-      raise ValueError("rounds.pseudo_weight and rounds.seed_weight are both 0: nothing to train on")
+      raise ValueError(f"round {r} ({arm}): nothing to train on: no pseudo-labels (no sample "
+                       "reached an answer; see round_*/vote_summary.json) and no seed data, or "
+                       "rounds.pseudo_weight and rounds.seed_weight are both 0")
     return tasks.register_mixture(f"lmsi_{self.problem.name}_{arm}_round_{r}_mix", parts)
 
   def recorded_wall_s(self) -> float:
