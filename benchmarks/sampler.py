@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -25,16 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
+import common  # noqa: E402  (benchmarks/common.py, next to this script)
 
 
 def _best(fn, repeats: int) -> tuple[float, list[float]]:
@@ -119,7 +109,7 @@ def main():
   tokens = args.batch * args.new_tokens
   res = {"batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
          "temperature": args.temperature, "top_k": args.top_k,
-         "nproc": os.cpu_count(), "cpu": _cpu_model(), "jax": jax.__version__}
+         "nproc": os.cpu_count(), "cpu": common.cpu_model(), "jax": jax.__version__}
   res.update(bench_ours(args, prompts))
   res["ours_tokens_per_s"] = tokens / res["ours_s"]
   print(f"ours: {res['ours_tokens_per_s']:.1f} tok/s ({res['ours_s']:.2f} s)", flush=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,16 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
+import common  # noqa: E402  (benchmarks/common.py, next to this script)
 
 
 def _time(fn) -> float:
@@ -150,7 +140,7 @@ def main() -> None:
   mfu = statistics.median(flops_tok * ntok / r["ours"] / r["peak_jax"] for r in rounds)
   mfu_t = statistics.median(flops_tok * ntok / r["ours"] / r["peak_torch"] for r in rounds)
   torch_mfu = statistics.median(flops_tok * ntok / r["torch"] / r["peak_jax"] for r in rounds)
-  print(f"machine: {os.cpu_count()} cores, {_cpu_model()}; load avg {load[0]:.1f}; jax "
+  print(f"machine: {os.cpu_count()} cores, {common.cpu_model()}; load avg {load[0]:.1f}; jax "
         f"{jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads)")
   print(f"shape: batch {args.batch} x seq {args.seq_len} = {ntok} tokens/step, {params / 1e6:.1f}M "
