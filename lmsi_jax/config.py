@@ -10,12 +10,14 @@ from __future__ import annotations
 import ml_collections
 
 from lmsi_jax import formats as formats_lib
+from lmsi_jax import modes
 from lmsi_jax import voting
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.mode = "lmsi"               # what main runs: a lmsi_jax.modes.MODES name
 
   # Device mesh over (data, fsdp, model); -1 takes the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
@@ -91,6 +93,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   def check(ok, key, msg):
     if not ok:
       raise ValueError(f"config.{key}={_get(c, key)!r}: {msg}")
+  check(c.mode in modes.MODES, "mode", f"expected one of {sorted(modes.MODES)}")
   check(c.task.name in ("synthetic", "gsm8k"), "task.name", "expected 'synthetic' or 'gsm8k'")
   check(c.task.answer_type in voting.ANSWER_TYPES, "task.answer_type",
         f"expected one of {voting.ANSWER_TYPES}")

@@ -2,8 +2,9 @@
 
   python -m lmsi_jax.main --config=configs/demo.py[:smoke] --workdir=DIR [--config.a.b=value ...]
 
-Intentionally thin: the logic lives in lmsi_jax.rounds (importable from a
-notebook). Re-running the same command resumes where a killed run stopped.
+Intentionally thin: `config.mode` picks the runner (lmsi_jax.modes; the LMSI
+pipeline is lmsi_jax.rounds, importable from a notebook). Re-running the same
+command resumes where a killed run stopped.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def main(argv):
   try:
     config_lib.validate(cfg)
     distributed.initialize(cfg.distributed)
-    from lmsi_jax import rounds  # pylint: disable=g-import-not-at-top
-    pipeline = rounds.Pipeline(cfg, _WORKDIR.value)
+    from lmsi_jax import modes  # pylint: disable=g-import-not-at-top
+    pipeline = modes.build(cfg, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
     print(f"lmsi_jax: error: {e}", file=sys.stderr)
     return 2

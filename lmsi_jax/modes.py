@@ -1,0 +1,23 @@
+"""What `python -m lmsi_jax.main` runs: `config.mode` names a runner.
+
+A runner is a class built as `Runner(cfg, workdir)` (config and data errors
+raise ValueError here, before any work) whose `run()` returns the report
+dict and writes it under the workdir. Modules are imported only when their
+mode is selected. To add a mode, add one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+MODES = {
+    "lmsi": "lmsi_jax.rounds:Pipeline",              # base -> LMSI rounds -> oracle/control arms
+}
+
+
+def build(cfg, workdir: str):
+  """The configured mode's runner (call `.run()` on it)."""
+  if cfg.mode not in MODES:
+    raise ValueError(f"config.mode={cfg.mode!r}: expected one of {sorted(MODES)}")
+  module, name = MODES[cfg.mode].split(":")
+  return getattr(importlib.import_module(module), name)(cfg, workdir)
