@@ -98,9 +98,13 @@ def decode(graphdef, state, prompt, prompt_mask, keys, *, params: SamplingParams
   valid_kv = jnp.concatenate([prompt_mask, jnp.ones((b, n), bool)], -1)
   plen = prompt_mask.sum(-1).astype(jnp.int32)
   positions = jnp.maximum(jnp.cumsum(prompt_mask, -1) - 1, 0).astype(jnp.int32)
-  mask = (s_idx[None, None, :] <= jnp.arange(tp)[None, :, None]) & valid_kv[:, None, :]
-  hidden, cache = model.hidden(prompt, positions, mask, constrain(model.init_cache(b, s)), 0)
-  logits = model.logits(hidden[:, -1:])         # only the last prompt position is sampled from
+  # Prefill into a prompt-length cache (no attention over the empty decode slots), then
+  # extend it; only the last prompt position's logits are needed.
+  mask = (jnp.arange(tp)[None, None, :] <= jnp.arange(tp)[None, :, None]) & prompt_mask[:, None, :]
+  hidden, cache = model.hidden(prompt, positions, mask, constrain(model.init_cache(b, tp)), 0)
+  cache = [{k: constrain(jnp.pad(c, ((0, 0), (0, n), (0, 0), (0, 0)))) for k, c in layer.items()}
+           for layer in cache]
+  logits = model.logits(hidden[:, -1:])
   max_stop = max([len(q) for q in stop_sequences] + [1])
   stops = [jnp.asarray(q, jnp.int32) for q in stop_sequences]
 
@@ -150,8 +154,13 @@ def decode(graphdef, state, prompt, prompt_mask, keys, *, params: SamplingParams
           "stop_reason": st.reason, "steps": st.step}
 
 
-_decode_jit = jax.jit(decode, static_argnums=(0,), static_argnames=(
-    "params", "eos_id", "pad_id", "vocab_limit", "stop_sequences", "cache_sharding"))
+_STATIC = ("params", "eos_id", "pad_id", "vocab_limit", "stop_sequences", "cache_sharding")
+_decode_jit = jax.jit(decode, static_argnums=(0,), static_argnames=_STATIC)
+# XLA:CPU's default copy insertion cannot prove that the decode step's reads of
+# the old KV cache precede its in-place update inside the while loop, and
+# copies every layer's K and V each step; the region analysis drops those copies.
+_decode_jit_cpu = jax.jit(decode, static_argnums=(0,), static_argnames=_STATIC,
+                          compiler_options={"xla_cpu_copy_insertion_use_region_analysis": True})
 _COMPILED: set[tuple] = set()
 
 
@@ -209,8 +218,9 @@ def decode_batch(lm: model_lib.LM, prompts: Sequence[Sequence[int]], keys: np.nd
     _COMPILED.add(key)
     logging.info("sampler: compiling batch=%d prompt_len=%d (%d sampler compiles so far)",
                  b, tp, len(_COMPILED))
+  fn = _decode_jit_cpu if lm.mesh.devices.flat[0].platform == "cpu" else _decode_jit
   with jax.set_mesh(lm.mesh):
-    out = _decode_jit(lm.graphdef, lm.state, _global_array(tok, bs), _global_array(msk, bs),
+    out = fn(lm.graphdef, lm.state, _global_array(tok, bs), _global_array(msk, bs),
                       jax.random.wrap_key_data(_global_array(kd, bs)),
                       params=params, eos_id=eos_id, pad_id=pad_id,
                       vocab_limit=vocab_limit or lm.cfg.vocab_size,
