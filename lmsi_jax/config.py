@@ -80,7 +80,19 @@ def base_config() -> ml_collections.ConfigDict:
       init="continue",          # "continue" from the last round | "restart" from the base
       pseudo_weight=1.0,        # mixture weight of the latest round's pseudo-labels
       seed_weight=0.0,          # ... of the labeled seed data
-      previous_weight=0.0))     # ... of earlier rounds' pseudo-labels (split evenly)
+      previous_weight=0.0,      # ... of earlier rounds' pseudo-labels (split evenly)
+      early_stop_patience=0))   # stop after this many rounds without a better held-out
+                                # greedy accuracy (0 = off; see lmsi_jax/early_stop.py)
+  # Self-generated data (LMSI §3.3; lmsi_jax/selfgen.py).
+  c.selfgen = ml_collections.ConfigDict(dict(
+      questions=False,          # each round the model writes new pool questions
+      num_questions=64,         # prompts per round (one candidate question each)
+      prompt_questions=4,       # real questions per prompt, in random order
+      seed_questions=10,        # ... drawn from the first this many pool questions
+      max_question_tokens=64,   # decode budget of one question
+      min_vote_share=0.8,       # keep a candidate whose SC vote share is at least this
+      exemplars=False,          # greedy zero-shot CoT answers become the few-shot exemplars
+      num_exemplars=4))
 
   c.eval = ml_collections.ConfigDict(dict(
       num_samples=32, temperature=1.2, base_temperature=0.7, top_k=40, top_p=1.0,
@@ -110,6 +122,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.voting.max_paths >= 0, "voting.max_paths", "must be >= 0 (0 = no cap)")
   check(c.rounds.num_rounds >= 0, "rounds.num_rounds", "must be >= 0")
   check(c.rounds.init in ("continue", "restart"), "rounds.init", "expected 'continue' or 'restart'")
+  check(c.rounds.early_stop_patience >= 0, "rounds.early_stop_patience", "must be >= 0 (0 = off)")
+  g = c.selfgen
+  check(g.num_questions >= 1, "selfgen.num_questions", "must be >= 1")
+  check(g.prompt_questions >= 1, "selfgen.prompt_questions", "must be >= 1")
+  check(g.seed_questions >= 1, "selfgen.seed_questions", "must be >= 1")
+  check(g.max_question_tokens >= 1, "selfgen.max_question_tokens", "must be >= 1")
+  check(0 <= g.min_vote_share <= 1, "selfgen.min_vote_share", "must be in [0, 1]")
+  check(g.num_exemplars >= 1, "selfgen.num_exemplars", "must be >= 1")
+  few_shot = [f for f in c.formats if f in formats_lib.FEW_SHOT_FORMATS]
+  if c.task.name == "synthetic" and not c.synthetic.num_exemplars:
+    check(not few_shot, "synthetic.num_exemplars",
+          f"formats {few_shot} need exemplars (the seed data uses them): set it > 0")
+    check(c.prompt_format not in formats_lib.FEW_SHOT_FORMATS or g.exemplars,
+          "synthetic.num_exemplars", f"prompt_format={c.prompt_format!r} needs exemplars: set it "
+          "> 0 or selfgen.exemplars=True")
   check(c.eval.num_samples >= 1, "eval.num_samples", "must be >= 1")
   check(c.eval.calibration_bins >= 1, "eval.calibration_bins", "must be >= 1")
   check(c.data.source in ("jsonl", "tfds"), "data.source", "expected 'jsonl' or 'tfds'")

@@ -3,8 +3,11 @@
 report.json keys: config, base {greedy_acc, sc_acc, ...}, rounds [{round,
 greedy_acc, sc_acc, num_questions, num_pseudo_labels,
 pseudo_label_precision, mean_vote_share, wall_s, ...}], oracle {greedy_acc,
-sc_acc}, control {greedy_acc, sc_acc}, pgr, calibration, wall_s.
-Accuracies and shares are fractions in [0, 1].
+sc_acc}, control {greedy_acc, sc_acc}, pgr, calibration, wall_s,
+early_stop (null unless rounds.early_stop_patience > 0; see early_stop.py).
+Accuracies and shares are fractions in [0, 1]. The per-round pool
+diagnostics (pass@k, maj@k, precision, distinct answers/paths) are a report.md
+section and diagnostics.png (lmsi_jax/diagnostics.py).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import io
 import json
 import os
 
+from lmsi_jax import diagnostics
 from lmsi_jax import fileio
 
 _EVAL_KEYS = ("greedy_acc", "sc_acc", "num_questions", "sc_num_samples", "sc_temperature",
@@ -75,6 +79,7 @@ def to_markdown(rep: dict) -> str:
             "| vote share | questions | accuracy |", "|---|---|---|"]
   for c in rep["calibration"]:
     lines.append(f"| {c['lo']:.1f}–{c['hi']:.1f} | {c['count']} | {_pct(c['accuracy'])} |")
+  lines += diagnostics.markdown(rep)
   for extra in ("w2s", "format_ablation", "strategies"):
     if rep.get(extra):
       lines += ["", f"## {extra}", "", "```json", json.dumps(rep[extra], indent=1), "```"]
@@ -113,6 +118,7 @@ def plot(rep: dict, workdir: str) -> list[str]:
   ax.legend(fontsize=8)
   fig.tight_layout()
   paths.append(_save(fig, os.path.join(workdir, "calibration.png")))
+  paths += [p for p in [diagnostics.plot(rep, workdir, _save)] if p]
   return paths
 
 

@@ -11,6 +11,8 @@ Everything a stage produces lands atomically under the workdir:
   DIR/round_<r>/vote_summary.json       pool precision / shares / calibration
   DIR/round_<r>/train/                  Orbax checkpoints + TensorBoard events
   DIR/round_<r>/eval.json               the round's model, evaluated
+  DIR/selfgen/exemplars.json            self-generated few-shot exemplars (selfgen.exemplars)
+  DIR/round_<r>/selfgen/                self-generated questions (selfgen.questions)
   DIR/{oracle,control}/...              reference arms with the identical recipe
   DIR/report.json, report.md, *.png     see lmsi_jax/report.py
 
@@ -30,11 +32,13 @@ import jax
 from tqdm import tqdm
 
 from lmsi_jax import distributed
+from lmsi_jax import early_stop as early_stop_lib
 from lmsi_jax import evaluate as eval_lib
 from lmsi_jax import fileio
 from lmsi_jax import problems
 from lmsi_jax import pseudo_labels as pl
 from lmsi_jax import report as report_lib
+from lmsi_jax import selfgen
 from lmsi_jax import sharding
 from lmsi_jax import train as train_lib
 from lmsi_jax.data import features
@@ -153,19 +157,19 @@ class Pipeline:
     write_json_atomic(out_path, res)
     return res
 
-  def sample_and_vote(self, lm, r: int, source_step: int) -> dict:
-    """Stages sample → vote → pseudo-labels for round r. Returns the vote summary."""
+  def sample_and_vote(self, lm, r: int, source_step: int, questions=None) -> dict:
+    """Stages sample → vote → pseudo-labels for round r (default questions: the pool)."""
     rdir = self.path(f"round_{r}")
     summary_path = os.path.join(rdir, "vote_summary.json")
     if distributed.agreed_exists(summary_path):
       return read_json(summary_path)
     t0 = time.time()
-    c, qs = self.cfg, self.problem.pool
+    c, qs = self.cfg, self.problem.pool if questions is None else questions
     s = c.sampling
     with tqdm(total=len(qs) * s.num_samples, desc=f"sample round {r}", disable=not _main(),
               mininterval=2) as bar:
       samples = pl.sample_pool(
-          lm, self.vocab, qs, self.prompts(qs), os.path.join(rdir, "samples"),
+          lm, self.vocab, qs, self.prompts(qs), self.path(f"round_{r}", "samples"),
           num_samples=s.num_samples, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
           max_decode_steps=s.max_decode_steps, stop=c.task.stop, seed=c.seed * 1009 + r,
           batch_size=s.batch_size, questions_per_shard=s.questions_per_shard,
@@ -204,10 +208,11 @@ class Pipeline:
 
   def recorded_wall_s(self) -> float:
     """Sum of every stage's recorded wall time (survives resumes)."""
-    files = [self.path("base", "train", "done.json"), self.path("base", "eval.json")]
+    files = [self.path("base", "train", "done.json"), self.path("base", "eval.json"),
+             self.path("selfgen", "exemplars.json")]
     for r in range(1, self.cfg.rounds.num_rounds + 1):
       files += [self.path(f"round_{r}", n) for n in ("vote_summary.json", "train/done.json",
-                                                     "eval.json")]
+                                                     "eval.json", "selfgen/summary.json")]
       files += [self.path(arm, f"round_{r}", "train", "done.json") for arm in ("oracle", "control")]
     files += [self.path(arm, "eval.json") for arm in ("oracle", "control")]
     total = 0.0
@@ -218,11 +223,17 @@ class Pipeline:
     return total
 
   # --------------------------------------------------------------------- runs
-  def run_lmsi(self, base_lm, base_steps: int) -> list[dict]:
+  def run_lmsi(self, base_lm, base_steps: int, base_greedy_acc: float) -> list[dict]:
+    """The rounds; `self.early_stop` then holds report.json's "early_stop" entry."""
     rounds, current, step = [], base_lm, base_steps
     round_tasks = []
+    stop = early_stop_lib.EarlyStop(self.cfg.rounds.early_stop_patience, base_greedy_acc)
     for r in range(1, self.cfg.rounds.num_rounds + 1):
-      summary = self.sample_and_vote(current, r, step)
+      pool, gen = self.problem.pool, {}
+      if self.cfg.selfgen.questions:      # LMSI §3.3: new questions join this round's pool
+        extra, gen = selfgen.generate_questions(self, current, r)
+        pool = pool + extra
+      summary = self.sample_and_vote(current, r, step, pool)
       if summary["num_records"]:
         round_tasks.append(self.register(tasks.round_task_name(self.problem.name, r),
                                          self.path(f"round_{r}", "pseudo_labels.jsonl")))
@@ -243,17 +254,21 @@ class Pipeline:
                      "mean_distinct_paths": summary["mean_distinct_paths"],
                      "pool_calibration": summary["pool_calibration"],
                      "calibration": ev["calibration"],
+                     **({"selfgen": gen} if gen else {}),
                      "wall_s": summary["sample_wall_s"] + summary["vote_wall_s"] + train_wall
-                               + ev["wall_s"]})
+                               + ev["wall_s"] + gen.get("wall_s", 0.0)})
+      if stop.update(r, ev["greedy_acc"]):
+        break
+    self.early_stop = stop.report()
     return rounds
 
-  def run_arm(self, arm: str, base_lm) -> dict | None:
-    """oracle: gold CoT for the same pool; control: seed data only. Same recipe."""
+  def run_arm(self, arm: str, base_lm, num_rounds: int) -> dict | None:
+    """oracle: gold CoT for the same pool; control: seed data only. Same recipe, as many rounds."""
     if arm == "control" and self.seed_task is None:
       logging.warning("control arm skipped: the task has no labeled seed data")
       return None
     current, round_tasks = base_lm, []
-    for r in range(1, self.cfg.rounds.num_rounds + 1):
+    for r in range(1, num_rounds + 1):
       if arm == "oracle":
         path = self.path("oracle", f"round_{r}", "labels.jsonl")
         recs = None if distributed.agreed_exists(path) else pl.gold_records(
@@ -275,13 +290,17 @@ class Pipeline:
       base_lm = self.train(base_lm, self.seed_task, self.path("base", "train"), base=True,
                            data_seed=self.cfg.seed)
       base_steps = self.cfg.base_train.num_steps
+    if self.cfg.selfgen.exemplars:        # LMSI §3.3: the base model writes the exemplars
+      self.problem = dataclasses.replace(self.problem,
+                                         exemplars=selfgen.generate_exemplars(self, base_lm))
     base = self.evaluate(base_lm, self.path("base", "eval.json"), self.cfg.eval.base_temperature, 0)
-    rounds = self.run_lmsi(base_lm, base_steps)
-    oracle = self.run_arm("oracle", base_lm) if self.cfg.eval.oracle else None
-    control = self.run_arm("control", base_lm) if self.cfg.eval.control else None
+    rounds = self.run_lmsi(base_lm, base_steps, base["greedy_acc"])
+    oracle = self.run_arm("oracle", base_lm, len(rounds)) if self.cfg.eval.oracle else None
+    control = self.run_arm("control", base_lm, len(rounds)) if self.cfg.eval.control else None
     report = report_lib.build_report(self.cfg, base, rounds, oracle, control,
                                      wall_s=self.recorded_wall_s(),
                                      wall_s_this_invocation=time.time() - t0)
+    report["early_stop"] = self.early_stop
     if _main():
       report_lib.write_report(report, self.workdir)
     return report

@@ -1,0 +1,214 @@
+"""Self-generated data (LMSI §3.3): new questions and few-shot exemplars from the model.
+
+Questions (`selfgen.questions`): each round, before sampling, the round's
+starting model sees `prompt_questions` real pool questions (drawn from the
+first `seed_questions` of the pool) in random order,
+
+  Q: {q_a}
+  Q: {q_b}
+  Q:
+
+and continues with a new question (up to the end of the line), once per
+prompt, `num_questions` prompts. A candidate is dropped when it is empty or
+duplicates an existing question (seed, pool or eval set, or an earlier
+candidate; compared after whitespace normalisation, so no eval question can
+enter training). The rest are answered by self-consistency with the round's
+prompt and sampling settings, and a candidate is kept only when the vote share
+of its majority answer is >= `min_vote_share` (1.0 keeps unanimous ones only).
+Kept questions join the round's unlabeled pool and go through the same
+sample → vote → formats stages. Gold is never consulted: for the synthetic task
+the sum of a well-formed generated question is recorded as a diagnostic gold
+(pseudo-label precision of the kept questions), nothing more.
+
+Exemplars (`selfgen.exemplars`): the base model answers `num_exemplars` pool
+questions (a seeded random order; up to 4x as many are tried) greedily with the
+zero-shot CoT prompt "Q: {q}\\nA: Let's think step by step."; every answer
+with a parseable final answer becomes a CoT exemplar "Q: {q}\\nA: {answer text
+up to the end of its answer line}" and a standard exemplar "Q: {q}\\nA: The
+answer is {a}." (the layout of `formats.exemplars_from_pairs`). They replace the
+task's exemplars for every prompt and pseudo-label format after stage 0 (the
+seed data keeps the task's own exemplars: stage 0 trains on it before the model
+can write any).
+
+Files (atomic; a re-run reads them instead of generating again):
+  DIR/selfgen/exemplars.json                   pairs, cot and standard blocks
+  DIR/round_<r>/selfgen/candidates.jsonl       every generated text and its fate
+  DIR/round_<r>/selfgen/samples/shard_*.jsonl  SC samples of the new candidates
+  DIR/round_<r>/selfgen/questions.jsonl        kept questions (the pool addition)
+  DIR/round_<r>/selfgen/summary.json           counts, diagnostic precision, wall time
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from lmsi_jax import distributed
+from lmsi_jax import fileio
+from lmsi_jax import formats as formats_lib
+from lmsi_jax import pseudo_labels as pl
+from lmsi_jax import sampler
+from lmsi_jax import voting
+from lmsi_jax.data import jsonl
+from lmsi_jax.data import synthetic
+
+EXEMPLAR_TRIES = 4     # greedy answers tried per wanted exemplar
+
+
+def _norm(question: str) -> str:
+  return " ".join(question.split())
+
+
+def _write_json(path: str, obj) -> None:
+  if jax.process_index() == 0:
+    fileio.write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+# ----------------------------------------------------------------- questions
+def question_prompt(seed_questions: Sequence[str], rng: np.random.Generator, k: int) -> str:
+  """`k` distinct seed questions in random order, then "Q:" for the model to continue."""
+  idx = rng.choice(len(seed_questions), size=min(k, len(seed_questions)), replace=False)
+  return "\n".join(formats_lib.question_line(seed_questions[i]) for i in idx) + "\nQ:"
+
+
+def mark_candidates(texts: Sequence[str], existing: Sequence[str]) -> list[dict]:
+  """Each generated text's first line, with status "empty", "duplicate" or "new"."""
+  seen = {_norm(q) for q in existing}
+  out = []
+  for text in texts:
+    q = text.split("\n", 1)[0].strip()
+    status = "empty" if not q else "duplicate" if _norm(q) in seen else "new"
+    seen.add(_norm(q))
+    out.append({"question": q, "status": status})
+  return out
+
+
+def confident_questions(sample_records: Sequence[dict], s: pl.VoteSettings,
+                        min_vote_share: float) -> list[dict]:
+  """Per candidate: its SC vote and whether its share passes `min_vote_share`."""
+  out = []
+  for rec in sample_records:
+    texts = [x["text"] for x in rec["samples"]]
+    vote, _, _ = voting.vote_question(texts, s.answer_type, s.cue, stop=s.stop or None,
+                                      fallback_last_number=s.fallback_last_number)
+    keep = vote.answer is not None and vote.share + 1e-12 >= min_vote_share
+    out.append({"id": rec["id"], "answer": vote.answer, "share": vote.share, "keep": keep})
+  return out
+
+
+def diagnostic_gold(problem_name: str, question: str) -> str | None:
+  """The true answer where the task can compute it (synthetic sums); else None."""
+  if problem_name != "synthetic":
+    return None
+  try:
+    return synthetic.answer_of(synthetic.parse_question(question))
+  except ValueError:
+    return None
+
+
+def generate_questions(p, lm, r: int) -> tuple[list[dict], dict]:
+  """Round r's kept self-generated questions (pool records) and the stage summary."""
+  g, c = p.cfg.selfgen, p.cfg
+  d = p.path(f"round_{r}", "selfgen")
+  q_path, sum_path = os.path.join(d, "questions.jsonl"), os.path.join(d, "summary.json")
+  if distributed.agreed_exists(sum_path):
+    return jsonl.read_jsonl(q_path), json.loads(fileio.read_text(sum_path))
+  t0 = time.time()
+  cand_path = os.path.join(d, "candidates.jsonl")
+  if distributed.agreed_exists(cand_path):
+    cands = jsonl.read_jsonl(cand_path)
+  else:
+    rng = np.random.default_rng([c.seed, r, 31])
+    seeds = [q["question"] for q in p.problem.pool[:g.seed_questions]]
+    prompts = [question_prompt(seeds, rng, g.prompt_questions) for _ in range(g.num_questions)]
+    s = c.sampling
+    out = sampler.generate(lm, p.vocab, prompts, num_samples=1, temperature=s.temperature,
+                           top_k=s.top_k, top_p=s.top_p, max_decode_steps=g.max_question_tokens,
+                           stop_strings=("\n",), seed=c.seed * 3001 + r, batch_size=s.batch_size)
+    existing = [q["question"] for q in p.problem.seed + p.problem.pool + p.problem.eval]
+    cands = mark_candidates([row[0].text for row in out], existing)
+    for i, cand in enumerate(cands):
+      cand.update(id=f"gen{r}-{i}", answer=diagnostic_gold(p.problem.name, cand["question"]))
+    if jax.process_index() == 0:
+      jsonl.write_jsonl_atomic(cand_path, cands)
+  new = [{"id": x["id"], "question": x["question"], "answer": x["answer"], "cot": None}
+         for x in cands if x["status"] == "new"]
+  s = c.sampling
+  samples = pl.sample_pool(
+      lm, p.vocab, new, p.prompts(new), os.path.join(d, "samples"), num_samples=s.num_samples,
+      temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+      max_decode_steps=s.max_decode_steps, stop=c.task.stop, seed=c.seed * 1009 + r + 7919,
+      batch_size=s.batch_size, questions_per_shard=s.questions_per_shard)
+  votes = confident_questions(samples, p.vote_settings, g.min_vote_share)
+  kept = [q for q, v in zip(new, votes) if v["keep"]]
+  scored = [v["answer"] == q["answer"] for q, v in zip(new, votes)
+            if v["keep"] and q["answer"] is not None]
+  summary = {"num_candidates": len(cands),
+             "num_empty": sum(x["status"] == "empty" for x in cands),
+             "num_duplicates": sum(x["status"] == "duplicate" for x in cands),
+             "num_new": len(new), "num_kept": len(kept),
+             "mean_vote_share": float(np.mean([v["share"] for v in votes])) if votes else None,
+             "kept_precision": float(np.mean(scored)) if scored else None,
+             "wall_s": time.time() - t0}
+  logging.info("round %d: self-generated %d questions, %d new, %d kept (vote share >= %.2f)",
+               r, len(cands), len(new), len(kept), g.min_vote_share)
+  if jax.process_index() == 0:
+    jsonl.write_jsonl_atomic(q_path, kept)
+  _write_json(sum_path, summary)
+  return kept, summary
+
+
+# ----------------------------------------------------------------- exemplars
+def exemplar_pairs(questions: Sequence[str], texts: Sequence[str], s: pl.VoteSettings,
+                   n: int) -> list[tuple[str, str, str]]:
+  """(question, path, answer) for the first `n` texts with a parseable answer.
+
+  The path is the text truncated at the stop string and after the line that
+  holds the answer cue, so an exemplar ends with its answer sentence.
+  """
+  pairs = []
+  for q, text in zip(questions, texts):
+    path = voting.truncate_at_stop(text, s.stop or None)
+    answer = voting.extract_answer(path, s.answer_type, s.cue, None, False)
+    if answer is None:
+      continue
+    i = path.lower().find(s.cue.lower())
+    end = path.find("\n", i)
+    pairs.append((q, (path if end < 0 else path[:end]).strip(), answer))
+    if len(pairs) == n:
+      break
+  return pairs
+
+
+def generate_exemplars(p, lm) -> formats_lib.Exemplars:
+  """The model's greedy zero-shot CoT answers as few-shot exemplars (cached on disk)."""
+  path = p.path("selfgen", "exemplars.json")
+  if distributed.agreed_exists(path):
+    d = json.loads(fileio.read_text(path))
+    return formats_lib.Exemplars(d["cot"], d["standard"])
+  t0, c, n = time.time(), p.cfg, p.cfg.selfgen.num_exemplars
+  order = np.random.default_rng([c.seed, 47]).permutation(len(p.problem.pool))
+  qs = [p.problem.pool[i]["question"] for i in order[:EXEMPLAR_TRIES * n]]
+  prompts = [formats_lib.build_input("zero_shot_cot", q) for q in qs]
+  out = sampler.generate(lm, p.vocab, prompts, num_samples=1, temperature=0.0,
+                         max_decode_steps=c.sampling.max_decode_steps,
+                         stop_strings=(c.task.stop,) if c.task.stop else (), seed=c.seed,
+                         batch_size=c.sampling.batch_size)
+  pairs = exemplar_pairs(qs, [row[0].text for row in out], p.vote_settings, n)
+  if not pairs:
+    raise ValueError(f"config.selfgen.exemplars=True: none of {len(qs)} greedy zero-shot CoT "
+                     "answers of the base model has a parseable final answer")
+  if len(pairs) < n:
+    logging.warning("selfgen: only %d of %d greedy answers parse; using %d exemplars",
+                    len(pairs), len(qs), len(pairs))
+  ex = formats_lib.exemplars_from_pairs(pairs)
+  _write_json(path, {"pairs": [list(x) for x in pairs], "cot": ex.cot, "standard": ex.standard,
+                     "tried": len(qs), "wall_s": time.time() - t0})
+  distributed.barrier("selfgen exemplars")
+  return ex
