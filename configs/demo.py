@@ -14,6 +14,8 @@ from lmsi_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
+  if arg in ("format_ablation", "format_ablation_smoke", "strategy", "strategy_smoke"):
+    return _study(get_config("smoke" if arg.endswith("_smoke") else None), arg.split("_smoke")[0])
   c = config_lib.base_config()
   c.seed = 0
   c.model.preset = "tiny"
@@ -44,5 +46,26 @@ def get_config(arg: str | None = None):
     c.rounds.num_rounds = 2
     c.eval.update(num_samples=4)
   elif arg:
-    raise ValueError(f"configs/demo.py: unknown variant {arg!r} (known: smoke)")
+    raise ValueError(f"configs/demo.py: unknown variant {arg!r} (known: smoke, format_ablation[_smoke], strategy[_smoke])")
+  return c
+
+
+def _study(c, name: str):
+  """Studies on the demo (lmsi_jax/ablation.py); every other value is the demo's.
+
+  format_ablation: LMSI Table 5, one round from one base model per format setting. The
+  base trains on the seed data in all four formats, so the few-shot ones need exemplars
+  (2 from the seed data) and longer sequences; prompting is few-shot CoT.
+  strategy: rounds.init continue vs restart, the demo's rounds, from one base model.
+  """
+  c.eval.update(oracle=False, control=False)   # the studies compare settings, not arms
+  if name == "strategy":
+    c.mode = "strategies"
+    return c
+  c.mode = "format_ablation"
+  c.synthetic.num_exemplars = 2
+  c.formats = ("few_shot_cot", "few_shot_direct", "zero_shot_cot", "zero_shot_direct")
+  c.prompt_format = "few_shot_cot"
+  c.train.seq_len = 256
+  c.rounds.num_rounds = 1
   return c

@@ -12,6 +12,8 @@ import importlib
 
 MODES = {
     "lmsi": "lmsi_jax.rounds:Pipeline",              # base -> LMSI rounds -> oracle/control arms
+    "format_ablation": "lmsi_jax.ablation:FormatAblation",   # LMSI Table 5 on one base
+    "strategies": "lmsi_jax.ablation:StrategyComparison",    # rounds.init continue vs restart
 }
 
 

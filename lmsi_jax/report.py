@@ -80,7 +80,10 @@ def to_markdown(rep: dict) -> str:
   for c in rep["calibration"]:
     lines.append(f"| {c['lo']:.1f}–{c['hi']:.1f} | {c['count']} | {_pct(c['accuracy'])} |")
   lines += diagnostics.markdown(rep)
-  for extra in ("w2s", "format_ablation", "strategies"):
+  if rep.get("format_ablation") or rep.get("strategies"):
+    from lmsi_jax import ablation  # pylint: disable=g-import-not-at-top
+    lines += ablation.markdown(rep)
+  for extra in ("w2s",):
     if rep.get(extra):
       lines += ["", f"## {extra}", "", "```json", json.dumps(rep[extra], indent=1), "```"]
   return "\n".join(lines) + "\n"

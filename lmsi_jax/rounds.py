@@ -259,7 +259,7 @@ class Pipeline:
                                + ev["wall_s"] + gen.get("wall_s", 0.0)})
       if stop.update(r, ev["greedy_acc"]):
         break
-    self.early_stop = stop.report()
+    self.early_stop, self.final_lm = stop.report(), current
     return rounds
 
   def run_arm(self, arm: str, base_lm, num_rounds: int) -> dict | None:
@@ -282,6 +282,20 @@ class Pipeline:
 
   def run(self) -> dict:
     t0 = time.time()
+    base_lm, base_steps, base = self.run_base()
+    rounds = self.run_lmsi(base_lm, base_steps, base["greedy_acc"])
+    oracle = self.run_arm("oracle", base_lm, len(rounds)) if self.cfg.eval.oracle else None
+    control = self.run_arm("control", base_lm, len(rounds)) if self.cfg.eval.control else None
+    report = report_lib.build_report(self.cfg, base, rounds, oracle, control,
+                                     wall_s=self.recorded_wall_s(),
+                                     wall_s_this_invocation=time.time() - t0)
+    report["early_stop"] = self.early_stop
+    if _main():
+      report_lib.write_report(report, self.workdir)
+    return report
+
+  def run_base(self):
+    """Seed data, stage 0, self-generated exemplars, base eval: (base_lm, base_steps, eval)."""
     self.seed_data()
     base_lm, base_steps = self.base_lm, 0
     if self.cfg.base_train.enabled:
@@ -294,16 +308,7 @@ class Pipeline:
       self.problem = dataclasses.replace(self.problem,
                                          exemplars=selfgen.generate_exemplars(self, base_lm))
     base = self.evaluate(base_lm, self.path("base", "eval.json"), self.cfg.eval.base_temperature, 0)
-    rounds = self.run_lmsi(base_lm, base_steps, base["greedy_acc"])
-    oracle = self.run_arm("oracle", base_lm, len(rounds)) if self.cfg.eval.oracle else None
-    control = self.run_arm("control", base_lm, len(rounds)) if self.cfg.eval.control else None
-    report = report_lib.build_report(self.cfg, base, rounds, oracle, control,
-                                     wall_s=self.recorded_wall_s(),
-                                     wall_s_this_invocation=time.time() - t0)
-    report["early_stop"] = self.early_stop
-    if _main():
-      report_lib.write_report(report, self.workdir)
-    return report
+    return base_lm, base_steps, base
 
 
 def run(cfg, workdir: str) -> dict:

@@ -1,0 +1,197 @@
+"""Studies on one base model: the format ablation (LMSI Table 5) and round strategies.
+
+`config.mode="format_ablation"`: stage 0 and the base evaluation run once
+(`Pipeline.run_base`, seed data in `config.formats`); then, from that base,
+the configured LMSI rounds run once per setting, each turning the same voted
+paths into pseudo-labels of different formats:
+
+  no_cot             few_shot_direct + zero_shot_direct (LMSI "w/o CoT formats")
+  few_shot_cot_only  few_shot_cot
+  all_four           the four formats of Table 2
+
+Everything else is identical (training recipe, data mix and order, sampling
+and evaluation seeds). Round 1 samples the same prompts with the same model
+and keys in every setting, so they share its samples (DIR/round_1/samples).
+Each setting reports greedy and SC accuracy with `prompt_format` (CoT
+prompting) and greedy accuracy with the direct prompt (few-shot when the task
+has exemplars: Table 5's "standard prompting" column).
+
+`config.mode="strategies"`: the same for `rounds.init` = "continue" (each
+round starts from the last) vs "restart" (each round starts from the base
+model). Round 1 is the same run for both (same start, data and seeds), so the
+restart setting reads continue's round 1.
+
+Layout: DIR/base/, DIR/data/, DIR/<setting>/round_<r>/... (as in rounds.py),
+DIR/<setting>/direct_eval.json, DIR/report.json (`format_ablation` or
+`strategies`: {setting: {greedy_acc, sc_acc, direct_greedy_acc, ...}}; `rounds`
+is the all_four / continue setting's), report.md, the usual plots. Resumable
+stage by stage like the pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from lmsi_jax import distributed
+from lmsi_jax import evaluate as eval_lib
+from lmsi_jax import formats as formats_lib
+from lmsi_jax import report as report_lib
+from lmsi_jax import rounds as rounds_lib
+from lmsi_jax import sampler
+from lmsi_jax import voting
+
+FORMAT_SETTINGS = (("no_cot", ("few_shot_direct", "zero_shot_direct")),
+                   ("few_shot_cot_only", ("few_shot_cot",)),
+                   ("all_four", formats_lib.FORMATS))
+STRATEGIES = ("continue", "restart")
+
+
+class Setting(rounds_lib.Pipeline):
+  """A study's pipeline (same model, data, seed task, exemplars) with its own config and
+  directory DIR/<name>/; paths under a `shared` prefix resolve to another directory."""
+
+  def __init__(self, study: rounds_lib.Pipeline, cfg, name: str,
+               shared: dict[tuple[str, ...], str] | None = None):  # pylint: disable=super-init-not-called
+    self.__dict__.update(study.__dict__)
+    self.cfg, self.workdir, self.shared = cfg, study.path(name), shared or {}
+
+  def path(self, *parts: str) -> str:
+    for prefix, root in self.shared.items():
+      if parts[:len(prefix)] == prefix:
+        return os.path.join(root, *parts)
+    return os.path.join(self.workdir, *parts)
+
+
+def direct_eval(p: rounds_lib.Pipeline, lm, out_path: str) -> dict:
+  """Greedy accuracy with the direct prompt ("standard prompting"), cached in out_path."""
+  if distributed.agreed_exists(out_path):
+    return rounds_lib.read_json(out_path)
+  t0 = time.time()
+  fmt = "few_shot_direct" if p.problem.exemplars is not None else "zero_shot_direct"
+  qs = p.problem.eval
+  s = p.eval_settings(0.0)
+  prompts = [formats_lib.build_input(fmt, q["question"], p.problem.exemplars) for q in qs]
+  out = sampler.generate(lm, p.vocab, prompts, num_samples=1, temperature=0.0, top_k=0,
+                         max_decode_steps=s.max_decode_steps,
+                         stop_strings=(s.stop,) if s.stop else (), seed=p.cfg.seed,
+                         batch_size=s.batch_size)
+  votes = [voting.majority_vote(eval_lib.answers_of([row[0].text], s)) for row in out]
+  ok = eval_lib.score_votes(votes, [q["answer"] for q in qs], s.answer_type)
+  res = {"prompt_format": fmt, "greedy_acc": float(np.mean(ok)), "wall_s": time.time() - t0}
+  rounds_lib.write_json_atomic(out_path, res)
+  return res
+
+
+class _Study:
+  """Base once, then `settings()` from it; `key` names the report entry."""
+  key = ""
+
+  def __init__(self, cfg, workdir: str):
+    self.cfg, self.workdir = cfg, workdir
+    self.pipeline = rounds_lib.Pipeline(cfg, workdir)
+
+  def settings(self) -> list[tuple[str, object, dict]]:
+    raise NotImplementedError
+
+  def run(self) -> dict:
+    t0, p = time.time(), self.pipeline
+    base_lm, base_steps, base = p.run_base()
+    base_direct = direct_eval(p, base_lm, p.path("base", "direct_eval.json"))
+    table, all_rounds = {}, {}
+    for name, cfg, shared in self.settings():
+      s = Setting(p, cfg, name, shared)
+      rows = s.run_lmsi(base_lm, base_steps, base["greedy_acc"])
+      direct = direct_eval(s, s.final_lm, s.path("direct_eval.json"))
+      last = rows[-1] if rows else base
+      table[name] = {
+          "formats": list(cfg.formats), "init": cfg.rounds.init, "num_rounds": len(rows),
+          "greedy_acc": last["greedy_acc"], "sc_acc": last["sc_acc"],
+          "direct_greedy_acc": direct["greedy_acc"],
+          "num_records": sum(r["num_records"] for r in rows),
+          "rounds": [{k: r[k] for k in ("round", "greedy_acc", "sc_acc", "num_pseudo_labels",
+                                        "pseudo_label_precision")} for r in rows],
+          "early_stop": s.early_stop,
+          "wall_s": sum(r["wall_s"] for r in rows) + direct["wall_s"]}
+      all_rounds[name] = rows
+    main = next(iter(all_rounds)) if self.key == "strategies" else "all_four"
+    rep = report_lib.build_report(
+        self.cfg, base, all_rounds[main], None, None,
+        wall_s=(p.recorded_wall_s() + base_direct["wall_s"]
+                + sum(v["wall_s"] for v in table.values())),
+        wall_s_this_invocation=time.time() - t0)
+    rep.update(mode=self.cfg.mode, early_stop=table[main]["early_stop"])
+    rep["base"]["direct_greedy_acc"] = base_direct["greedy_acc"]
+    rep[self.key] = table
+    if rounds_lib._main():  # pylint: disable=protected-access
+      report_lib.write_report(rep, self.workdir)
+    return rep
+
+
+class FormatAblation(_Study):
+  """LMSI Table 5 on the configured task: which pseudo-label formats to train on."""
+  key = "format_ablation"
+
+  def __init__(self, cfg, workdir: str):
+    missing = [f for f in formats_lib.FORMATS if f not in cfg.formats]
+    if missing:
+      raise ValueError(f"config.formats={tuple(cfg.formats)!r}: the format ablation trains the "
+                       f"base on the seed data in all four formats; add {missing}")
+    super().__init__(cfg, workdir)
+
+  def settings(self):
+    shared = {("round_1", "samples"): self.workdir, ("round_1", "selfgen"): self.workdir}
+    out = []
+    for name, fmts in FORMAT_SETTINGS:
+      c = self.cfg.copy_and_resolve_references()
+      c.formats = fmts
+      out.append((name, c, shared))
+    return out
+
+
+class StrategyComparison(_Study):
+  """rounds.init = continue vs restart, from one base model."""
+  key = "strategies"
+
+  def settings(self):
+    out = []
+    for name in STRATEGIES:
+      c = self.cfg.copy_and_resolve_references()
+      c.rounds.init = name
+      shared = {} if name == STRATEGIES[0] else {("round_1",): os.path.join(self.workdir,
+                                                                            STRATEGIES[0])}
+      out.append((name, c, shared))
+    return out
+
+
+def markdown(rep: dict) -> list[str]:
+  """report.md tables of a study (format ablation and/or strategies)."""
+  pct = lambda x: "—" if x is None else f"{100 * x:.1f}%"
+  lines = []
+  for key, title, what in (("format_ablation", "Format ablation (LMSI Table 5)", "formats"),
+                           ("strategies", "Round strategies", "init")):
+    table = rep.get(key)
+    if not table:
+      continue
+    b = rep["base"]
+    lines += ["", f"## {title}", "",
+              f"| setting | {what} | rounds | greedy CoT | SC | direct (greedy) | "
+              "pseudo-label records | wall (s) |", "|---|---|---|---|---|---|---|---|",
+              f"| base (w/o LMSI) | | 0 | {pct(b['greedy_acc'])} | {pct(b['sc_acc'])} | "
+              f"{pct(b.get('direct_greedy_acc'))} | | |"]
+    for name, v in table.items():
+      desc = ", ".join(v["formats"]) if what == "formats" else v["init"]
+      lines.append(f"| {name} | {desc} | {v['num_rounds']} | {pct(v['greedy_acc'])} | "
+                   f"{pct(v['sc_acc'])} | {pct(v['direct_greedy_acc'])} | {v['num_records']} | "
+                   f"{v['wall_s']:.0f} |")
+    if key == "strategies":
+      lines += ["", "| round | " + " | ".join(f"{n} greedy / SC" for n in table) + " |",
+                "|---|" + "---|" * len(table)]
+      n = max(len(v["rounds"]) for v in table.values())
+      for i in range(n):
+        cells = [f"{pct(v['rounds'][i]['greedy_acc'])} / {pct(v['rounds'][i]['sc_acc'])}"
+                 if i < len(v["rounds"]) else "" for v in table.values()]
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+  return lines
