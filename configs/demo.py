@@ -16,6 +16,8 @@ from lmsi_jax import config as config_lib
 def get_config(arg: str | None = None):
   if arg in ("format_ablation", "format_ablation_smoke", "strategy", "strategy_smoke"):
     return _study(get_config("smoke" if arg.endswith("_smoke") else None), arg.split("_smoke")[0])
+  if arg in ("w2s", "w2s_smoke"):
+    return _w2s(get_config("smoke" if arg == "w2s_smoke" else None), arg == "w2s_smoke")
   c = config_lib.base_config()
   c.seed = 0
   c.model.preset = "tiny"
@@ -46,7 +48,19 @@ def get_config(arg: str | None = None):
     c.rounds.num_rounds = 2
     c.eval.update(num_samples=4)
   elif arg:
-    raise ValueError(f"configs/demo.py: unknown variant {arg!r} (known: smoke, format_ablation[_smoke], strategy[_smoke])")
+    raise ValueError(f"configs/demo.py: unknown variant {arg!r} (known: smoke, format_ablation[_smoke], strategy[_smoke], w2s, w2s_smoke)")
+  return c
+
+
+def _w2s(c, smoke: bool):
+  """Weak-to-strong (lmsi_jax/w2s.py): the demo's base model is the teacher; a 4-layer,
+  width-128 student pretrained on the easy sums only learns 5-term sums from its labels."""
+  c.mode = "w2s"
+  c.w2s.update(student_preset="small", pretrain_steps=20 if smoke else 800, labels="vote",
+               losses=("xent", "confidence"), replay_weight=0.5)
+  if smoke:   # a teacher that already ends its paths with an answer (40 steps do not)
+    c.base_train.num_steps = 150
+    c.train.checkpoint_every = 1000
   return c
 
 

@@ -97,6 +97,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       num_samples=32, temperature=1.2, base_temperature=0.7, top_k=40, top_p=1.0,
       max_decode_steps=256, calibration_bins=5, oracle=False, control=False))
+
+  # mode="w2s" (lmsi_jax/w2s.py): the model above, trained on the seed data (base_train),
+  # is the teacher; its labels for the pool train a student of another size.
+  # Student bigger: weak-to-strong; smaller: distillation (LMSI Table 7).
+  c.w2s = ml_collections.ConfigDict(dict(
+      student_preset="small",   # a lmsi_jax.model.PRESETS name; ignored when student_checkpoint is set
+      student_checkpoint="",    # like model.checkpoint, for the student
+      pretrain_steps=0,         # student stage 0 on the easy seed data (base_train recipe); 0 = none
+      labels="vote",            # teacher labels for the pool: "vote" (majority paths) | "greedy"
+      losses=("xent",),         # student losses ("xent" | "confidence"); the first gives w2s_acc, pgr
+      replay_weight=0.0,        # share of the student's pretraining data in its fine-tuning mixture
+      conf_alpha_max=0.5,       # confidence loss (lmsi_jax/losses.py): weight of the student's
+      conf_warmup_frac=0.2,     # hardened predictions, ramped up over this fraction of the steps,
+      conf_threshold=0.0))      # on tokens where its max probability is at least this
   return c
 
 
@@ -139,10 +153,30 @@ def validate(c: ml_collections.ConfigDict) -> None:
           "> 0 or selfgen.exemplars=True")
   check(c.eval.num_samples >= 1, "eval.num_samples", "must be >= 1")
   check(c.eval.calibration_bins >= 1, "eval.calibration_bins", "must be >= 1")
+  _validate_w2s(c, check)
   check(c.data.source in ("jsonl", "tfds"), "data.source", "expected 'jsonl' or 'tfds'")
   check(c.data.on_error in ("raise", "skip"), "data.on_error", "expected 'raise' or 'skip'")
   if c.task.name == "gsm8k" and c.data.source == "jsonl":
     check(bool(c.data.dir), "data.dir", "set it to a directory with train.jsonl and test.jsonl")
+
+
+def _validate_w2s(c, check) -> None:
+  from lmsi_jax import losses as losses_lib  # pylint: disable=g-import-not-at-top
+  from lmsi_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  w = c.w2s
+  check(bool(w.student_checkpoint) or w.student_preset in model_lib.PRESETS, "w2s.student_preset",
+        f"expected one of {sorted(model_lib.PRESETS)} (or set w2s.student_checkpoint)")
+  check(w.labels in ("vote", "greedy"), "w2s.labels", "expected 'vote' or 'greedy'")
+  check(len(w.losses) > 0 and len(set(w.losses)) == len(w.losses)
+        and all(x in losses_lib.LOSSES for x in w.losses), "w2s.losses",
+        f"a non-empty tuple of distinct names from {losses_lib.LOSSES}")
+  check(w.pretrain_steps >= 0, "w2s.pretrain_steps", "must be >= 0 (0 = no student pretraining)")
+  check(0 <= w.replay_weight < 1, "w2s.replay_weight", "must be in [0, 1)")
+  for k in ("conf_alpha_max", "conf_warmup_frac", "conf_threshold"):
+    check(0 <= w[k] <= 1, f"w2s.{k}", "must be in [0, 1]")
+  if c.mode == "w2s" and c.task.name != "synthetic":   # only the built-in task has easy seed data
+    check(w.pretrain_steps == 0, "w2s.pretrain_steps", "student pretraining needs task.name='synthetic'")
+    check(w.replay_weight == 0, "w2s.replay_weight", "replay needs task.name='synthetic'")
 
 
 def _get(c, dotted):

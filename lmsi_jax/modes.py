@@ -14,6 +14,7 @@ MODES = {
     "lmsi": "lmsi_jax.rounds:Pipeline",              # base -> LMSI rounds -> oracle/control arms
     "format_ablation": "lmsi_jax.ablation:FormatAblation",   # LMSI Table 5 on one base
     "strategies": "lmsi_jax.ablation:StrategyComparison",    # rounds.init continue vs restart
+    "w2s": "lmsi_jax.w2s:W2S",                        # teacher labels -> student (weak-to-strong)
 }
 
 

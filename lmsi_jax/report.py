@@ -59,6 +59,9 @@ def _pct(x) -> str:
 
 
 def to_markdown(rep: dict) -> str:
+  if rep.get("mode") == "w2s":      # teacher -> student runs have their own table
+    from lmsi_jax import w2s  # pylint: disable=g-import-not-at-top
+    return w2s.to_markdown(rep)
   lines = ["# LMSI run report", "",
            "| model | greedy CoT | self-consistency | pseudo-label precision | mean vote share | wall (s) |",
            "|---|---|---|---|---|---|"]

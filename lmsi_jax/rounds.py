@@ -127,7 +127,8 @@ class Pipeline:
     self.seed_task = self.register(tasks.seed_task_name(self.problem.name), path, recs)
     return self.seed_task
 
-  def train(self, lm, mixture, out_dir: str, *, base: bool = False, data_seed: int = 0):
+  def train(self, lm, mixture, out_dir: str, *, base: bool = False, data_seed: int = 0,
+            loss_fn=None):
     t0 = time.time()
     tcfg = self.train_config(base)
     batches = features.GlobalBatches(
@@ -137,7 +138,7 @@ class Pipeline:
     # train() donates its input state; the base model is reused by later stages.
     lm = dataclasses.replace(lm, state=jax.tree.map(lambda x: x.copy(), lm.state))
     lm = train_lib.train(lm, batches, tcfg, out_dir, config_json=self.cfg.to_json(),
-                         desc=os.path.relpath(out_dir, self.workdir))
+                         desc=os.path.relpath(out_dir, self.workdir), loss_fn=loss_fn)
     done = os.path.join(out_dir, "done.json")
     if not distributed.agreed_exists(done):
       write_json_atomic(done, {"wall_s": _log_stage(out_dir, t0), "num_steps": tcfg.num_steps})
