@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
       num_steps=10_000, batch_size=32, seq_len=1024, grad_accum=1, clip_norm=1.0,
       weight_decay=0.0, decay_embeddings=False, b1=0.9, b2=0.999, eps=1e-8, end_lr_ratio=0.1,
       log_every=50, checkpoint_every=1000, max_to_keep=2,
+      # Per-block rematerialisation in the training backward pass (sampling never remats):
+      # "none" | "full" (keep block inputs only) | "dots" (also weight-matmul outputs).
+      remat="none",
       # Logical input shards (0 = one per process). Fix it to make batches, and so
       # results, independent of how many processes run the job.
       data_shards=0))

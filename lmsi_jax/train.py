@@ -60,6 +60,7 @@ class TrainConfig:
   log_every: int = 50
   checkpoint_every: int = 1000
   max_to_keep: int = 2
+  remat: str = "none"               # per-block rematerialisation: none | full | dots (model.py)
   seed: int = 0
 
   def __post_init__(self):
@@ -74,6 +75,8 @@ class TrainConfig:
     for key, ok, what in (
         ("optimizer", self.optimizer in ("adamw", "adafactor"), "expected 'adamw' or 'adafactor'"),
         ("schedule", self.schedule in ("cosine", "constant"), "expected 'cosine' or 'constant'"),
+        ("remat", self.remat in model_lib.REMAT_POLICIES,
+         f"expected one of {list(model_lib.REMAT_POLICIES)}"),
         ("learning_rate", 0 <= self.learning_rate < math.inf, "must be finite and >= 0"),
         *((k, getattr(self, k) > 0, "must be > 0") for k in positive),
         ("seq_len", self.seq_len >= 2, "must be >= 2"),
@@ -197,10 +200,15 @@ class TrainStep:
                        f"data*fsdp size {sharding.batch_divisor(mesh)}")
     rep = NamedSharding(mesh, P())
     self._init = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
+    # XLA:CPU's default (concurrency-optimised) schedule hoists the rematerialised forward
+    # back next to the forward pass, so remat would save nothing; the memory-optimised one keeps it.
+    cpu_remat = tcfg.remat != "none" and mesh.devices.flat[0].platform == "cpu"
     self._step = jax.jit(functools.partial(self._train_step, graphdef),
                          in_shardings=(param_shardings, self.opt_shardings, self.batch_sharding, rep),
                          out_shardings=(param_shardings, self.opt_shardings, rep),
-                         donate_argnums=(0, 1))
+                         donate_argnums=(0, 1), compiler_options={
+                             "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+                         if cpu_remat else None)
 
   def _train_step(self, graphdef, params, opt_state, batch, step):
     tcfg, k = self.tcfg, self.tcfg.grad_accum
@@ -209,7 +217,7 @@ class TrainStep:
 
     def loss_sum(p, mb):
       logits, _ = model_lib.forward(graphdef, p, mb["tokens"], mb["positions"],
-                                    model_lib.segment_mask(mb["segment_ids"]))
+                                    model_lib.segment_mask(mb["segment_ids"]), remat=tcfg.remat)
       out = self.loss_fn(logits, mb, ctx)
       return out[0], (out[1], dict(out[2]) if len(out) > 2 else {})
 

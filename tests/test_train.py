@@ -13,6 +13,7 @@ import pytest
 
 from lmsi_jax import checkpoint as ckpt_lib
 from lmsi_jax import model as model_lib
+from lmsi_jax import sharding
 from lmsi_jax import train as train_lib
 
 import train_worker as tw  # tests/ is on sys.path (rootdir-relative test imports)
@@ -35,7 +36,8 @@ def test_config_lmsi_setting_and_validation():
          ({"optimizer": "sgd"}, r"train\.optimizer='sgd'"),
          ({"learning_rate": "5e-5"}, r"train\.learning_rate='5e-5': expected float"),
          ({"warmup_steps": 1.5}, r"train\.warmup_steps=1\.5: expected int"),
-         ({"b2": 1.0}, r"train\.b2=1\.0: must be in \[0, 1\)")]
+         ({"b2": 1.0}, r"train\.b2=1\.0: must be in \[0, 1\)"),
+         ({"remat": "some"}, r"train\.remat='some': expected one of \['none', 'full', 'dots'\]")]
   for d, msg in bad:
     with pytest.raises(ValueError, match=msg):
       train_lib.TrainConfig.from_dict(d)
@@ -96,6 +98,39 @@ def test_grad_accumulation_equals_big_batch(mesh8):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
   for a, b in zip(p1, p2):  # Adam's 1st step ~ lr * sign(g): tiny grads amplify rounding
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-5)
+
+
+def test_remat_same_loss_and_grads_less_memory(mesh8):
+  """Per-block remat changes what the backward pass keeps, never the numbers."""
+  batch = tw.make_batch(np.random.default_rng(0), 8, 32)
+  out = {}
+  for remat in ("none", "full", "dots"):
+    lm = model_lib.LM.init(CFG, mesh8, seed=3)
+    step = train_lib.make_train_step(lm, _tcfg(remat=remat))
+    params, opt, m = step(lm.state, step.init(lm.state), batch, 0)
+    mu = [np.asarray(x) for x in jax.tree.leaves(opt[1][0].mu)]   # (1 - b1) * clipped grad
+    out[remat] = (float(m["loss"]), float(m["grad_norm"]), mu)
+  loss, gnorm, mu = out["none"]
+  for remat in ("full", "dots"):
+    l, g, mu_r = out[remat]
+    np.testing.assert_allclose(l, loss, rtol=1e-6)
+    np.testing.assert_allclose(g, gnorm, rtol=1e-5)
+    for a, b in zip(mu_r, mu):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
+
+  # XLA's buffer assignment of the step (per device): the layers' [T,T] attention residuals
+  # are no longer kept for the backward pass. (XLA:CPU still keeps them when heads are
+  # sharded over the model axis, as in mesh8, so this mesh shards data and fsdp only.)
+  cfg, mesh = dataclasses.replace(CFG, num_layers=4, max_seq_len=512), sharding.make_mesh((4, 2, 1))
+  batch = tw.make_batch(np.random.default_rng(0), 8, 512)
+  temp = {}
+  for remat in ("none", "full", "dots"):
+    lm = model_lib.LM.init(cfg, mesh, seed=3)
+    step = train_lib.make_train_step(lm, _tcfg(remat=remat, seq_len=512))
+    with jax.set_mesh(mesh):
+      temp[remat] = step._step.lower(lm.state, step.init(lm.state), step.put_batch(batch),
+                                     jnp.int32(0)).compile().memory_analysis().temp_size_in_bytes
+  assert temp["full"] < 0.6 * temp["none"] and temp["dots"] < 0.8 * temp["none"], temp
 
 
 def test_bf16_compute_f32_master_weights(mesh8):
