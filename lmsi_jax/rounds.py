@@ -29,6 +29,8 @@ import os
 import time
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from lmsi_jax import distributed
@@ -77,6 +79,7 @@ class Pipeline:
     self.problem = problems.load_problem(cfg)
     self.mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
     self.base_lm, self.vocab = build_model(cfg, self.mesh)
+    self.problem = self.fit_context(self.problem)
     self.vote_settings = pl.VoteSettings(
         cfg.task.answer_type, cfg.task.cue, cfg.task.stop, cfg.voting.min_vote_share,
         cfg.voting.max_paths, cfg.voting.dedup, cfg.voting.weighted,
@@ -91,6 +94,13 @@ class Pipeline:
   def prompts(self, questions) -> list[str]:
     return [problems.prompt_for(self.problem, q["question"], self.cfg.prompt_format)
             for q in questions]
+
+  def fit_context(self, problem):
+    """Pool/eval questions whose prompt + decode steps exceed the model context: error or skip."""
+    c = self.cfg
+    return problems.fit_context(
+        problem, self.vocab, c.prompt_format, self.base_lm.cfg.max_seq_len,
+        {"pool": c.sampling.max_decode_steps, "eval": c.eval.max_decode_steps}, c.data.on_error)
 
   def eval_settings(self, temperature: float) -> eval_lib.EvalSettings:
     e, t = self.cfg.eval, self.cfg.task
@@ -139,9 +149,17 @@ class Pipeline:
     lm = dataclasses.replace(lm, state=jax.tree.map(lambda x: x.copy(), lm.state))
     lm = train_lib.train(lm, batches, tcfg, out_dir, config_json=self.cfg.to_json(),
                          desc=os.path.relpath(out_dir, self.workdir), loss_fn=loss_fn)
+    cut = batches.truncated
+    if jax.process_count() > 1:
+      cut = int(np.sum(multihost_utils.process_allgather(np.array([cut]))))
+    if cut:
+      logging.warning("%s: %d training example(s) were longer than train.seq_len=%d and lost "
+                      "their end (the answer) to truncation; raise train.seq_len",
+                      os.path.relpath(out_dir, self.workdir), cut, tcfg.seq_len)
     done = os.path.join(out_dir, "done.json")
     if not distributed.agreed_exists(done):
-      write_json_atomic(done, {"wall_s": _log_stage(out_dir, t0), "num_steps": tcfg.num_steps})
+      write_json_atomic(done, {"wall_s": _log_stage(out_dir, t0), "num_steps": tcfg.num_steps,
+                               "num_truncated": cut})
     return lm
 
   def evaluate(self, lm, out_path: str, temperature: float, seed_offset: int) -> dict:
@@ -243,7 +261,8 @@ class Pipeline:
       current = self.train(init, self.mixture("lmsi", r, round_tasks),
                            self.path(f"round_{r}", "train"), data_seed=self.cfg.seed + 1000 * r)
       ev = self.evaluate(current, self.path(f"round_{r}", "eval.json"), self.cfg.eval.temperature, r)
-      train_wall = read_json(self.path(f"round_{r}", "train", "done.json"))["wall_s"]
+      done = read_json(self.path(f"round_{r}", "train", "done.json"))
+      train_wall = done["wall_s"]
       rounds.append({"round": r, "greedy_acc": ev["greedy_acc"], "sc_acc": ev["sc_acc"],
                      "num_questions": summary["num_questions"],
                      "num_pseudo_labels": summary["num_pseudo_labels"],
@@ -255,6 +274,7 @@ class Pipeline:
                      "mean_distinct_paths": summary["mean_distinct_paths"],
                      "pool_calibration": summary["pool_calibration"],
                      "calibration": ev["calibration"],
+                     "train_truncated": done.get("num_truncated", 0),
                      **({"selfgen": gen} if gen else {}),
                      "wall_s": summary["sample_wall_s"] + summary["vote_wall_s"] + train_wall
                                + ev["wall_s"] + gen.get("wall_s", 0.0)})
@@ -291,6 +311,7 @@ class Pipeline:
                                      wall_s=self.recorded_wall_s(),
                                      wall_s_this_invocation=time.time() - t0)
     report["early_stop"] = self.early_stop
+    report["skipped"] = self.problem.skipped     # records dropped under data.on_error="skip"
     if _main():
       report_lib.write_report(report, self.workdir)
     return report
@@ -306,8 +327,8 @@ class Pipeline:
                            data_seed=self.cfg.seed)
       base_steps = self.cfg.base_train.num_steps
     if self.cfg.selfgen.exemplars:        # LMSI §3.3: the base model writes the exemplars
-      self.problem = dataclasses.replace(self.problem,
-                                         exemplars=selfgen.generate_exemplars(self, base_lm))
+      self.problem = self.fit_context(dataclasses.replace(
+          self.problem, exemplars=selfgen.generate_exemplars(self, base_lm)))
     base = self.evaluate(base_lm, self.path("base", "eval.json"), self.cfg.eval.base_temperature, 0)
     return base_lm, base_steps, base
 

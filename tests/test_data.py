@@ -310,3 +310,22 @@ def test_global_batches_do_not_depend_on_process_count(iter_task):
   np.testing.assert_array_equal(next(again)["tokens"], want["tokens"])
   with pytest.raises(ValueError, match="train.data_shards=3"):
     features.GlobalBatches(iter_task, 32, 4, num_shards=3, process_count=2)
+
+
+def test_truncated_examples_counted_within_the_epoch(iter_task):
+  """Over-long examples are counted as they are read, not only when an epoch ends."""
+  v = vocab_lib.byte_vocabulary()
+  lengths = [len(v.encode(r["inputs"])) + len(v.encode(r["targets"])) + 1 for r in _records(16)]
+  # Every example is longer than a row, so each fills one row: an epoch is 16 rows, 4 batches.
+  it = features.GlobalBatches(iter_task, min(lengths) - 1, 4, seed=0)
+  assert it.truncated == 0
+  next(it)
+  assert 4 <= it.truncated <= 16                      # this batch + what packing read ahead
+  for _ in range(3):
+    next(it)
+  assert it.truncated == 16                           # epoch 0, before its end is noticed
+  next(it)
+  assert 20 <= it.truncated <= 32
+  fits = features.GlobalBatches(iter_task, max(lengths), 4, seed=0)
+  next(fits)
+  assert fits.truncated == 0

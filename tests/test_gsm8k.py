@@ -57,7 +57,8 @@ def test_real_files(shared_dir):
                   "many clips in May. How many clips did Natalia sell altogether in April and May?",
       "answer": "72",
       "cot": "Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips altogether in "
-             "April and May. The answer is 72."}
+             "April and May. The answer is 72.",
+      "source": os.path.join(d, "train.jsonl") + ":1"}
   assert test[-1]["id"] == "test-1319"
   commas = 0
   for r in train + test:
@@ -213,7 +214,8 @@ def test_tfds_mocked_real_examples(shared_dir):
     exs = list(task.get_dataset(None, split="validation", shuffle=False,
                                 try_in_mem_cache=False).as_numpy_iterator())
   assert [g["id"] for g in got[:2]] == ["tfds_test-0", "tfds_test-1"]
-  strip = lambda r: {k: v for k, v in r.items() if k != "id"}
+  assert got[3]["source"] == "TFDS gsm8k:1.0.0 split test, example 3"
+  strip = lambda r: {k: v for k, v in r.items() if k not in ("id", "source")}
   assert [strip(g) for g in got] == [strip(r) for r in recs]
   assert [e["targets_pretokenized"].decode() for e in exs] == [r["cot"] for r in recs]
 

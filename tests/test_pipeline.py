@@ -157,3 +157,80 @@ def test_round_checkpoint_loads_as_model_checkpoint(smoke, mesh8):
   from lmsi_jax import checkpoint as ckpt_lib
   ref = ckpt_lib.restore_params(cfg.model.checkpoint, lm.cfg, mesh8)
   np.testing.assert_array_equal(np.asarray(lm.state["embed"][...]), np.asarray(ref.state["embed"][...]))
+
+
+# ------------------------------------------------- prompts that do not fit the context
+
+GSM8K_SMOKE = [sys.executable, "-m", "lmsi_jax.main", "--config=configs/gsm8k.py:smoke"]
+SOLUTION = "She has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"
+
+
+def _gsm8k_dir(tmp_path, long_q: str, malformed: bool = True) -> str:
+  """train.jsonl: 2 good, a too-long question (line 3), a malformed line (or a good one), 2 good;
+  test.jsonl: 2 good, a too-long question (line 3), 1 good."""
+  good = lambda i: json.dumps({"question": f"Ann has {i} apples and gets 4 more. How many?",
+                               "answer": SOLUTION})
+  long = json.dumps({"question": long_q, "answer": SOLUTION})
+  d = tmp_path / "gsm8k"
+  d.mkdir()
+  fourth = "{oops" if malformed else good(0)
+  (d / "train.jsonl").write_text("\n".join([good(1), good(2), long, fourth, good(3), good(4)]) + "\n")
+  (d / "test.jsonl").write_text("\n".join([good(5), good(6), long, good(7)]) + "\n")
+  return str(d)
+
+
+def test_too_long_prompt_names_file_and_line(tmp_path):
+  """gsm8k:smoke: tiny byte-level model, context 512, 24 decode steps, zero-shot CoT prompt."""
+  data = _gsm8k_dir(tmp_path, "How many apples? " * 30, malformed=False)   # a 510-byte question
+  p = subprocess.run(GSM8K_SMOKE + [f"--workdir={tmp_path / 'run'}", f"--config.data.dir={data}"],
+                     cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert p.returncode != 0
+  err = [l for l in p.stderr.splitlines() if l.startswith("lmsi_jax: error:")]
+  # byte vocabulary: start + "Q: " + 509 (stripped) + "\nA: Let's think step by step." = 542
+  want = (f"lmsi_jax: error: {data}/train.jsonl:3: prompt is 542 tokens + 24 decode steps > "
+          "model context 512 (set config.data.on_error='skip' to skip such records)")
+  assert err == [want], p.stderr[-3000:]
+  assert "Traceback" not in p.stderr
+  assert not os.path.exists(tmp_path / "run" / "base")      # failed before any work
+
+
+def test_fit_context_synthetic_names_split_and_index(caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  from lmsi_jax import problems  # pylint: disable=g-import-not-at-top
+  from lmsi_jax.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+  qs = [{"id": f"pool-{i}", "question": q} for i, q in enumerate(["1+2", "1+2+3+4+5+6", "3+4"])]
+  prob = problems.Problem("synthetic", [], qs, qs[:1], None)
+  v = vocab_lib.byte_vocabulary()
+  n = len(vocab_lib.encode_prompt(v, problems.prompt_for(prob, qs[1]["question"], "zero_shot_cot")))
+  with pytest.raises(ValueError, match=rf"^synthetic pool question 1 \(id pool-1\): prompt is {n} "
+                                       rf"tokens \+ 8 decode steps > model context {n + 7} "):
+    problems.fit_context(prob, v, "zero_shot_cot", n + 7, {"pool": 8, "eval": 8}, "raise")
+  with caplog.at_level(logging.WARNING):
+    out = problems.fit_context(prob, v, "zero_shot_cot", n + 7, {"pool": 8, "eval": 8}, "skip")
+  assert [q["id"] for q in out.pool] == ["pool-0", "pool-2"] and out.eval == qs[:1]
+  assert out.skipped == {"pool": {"too_long": 1}, "eval": {"too_long": 0}}
+  assert any("skipped 1 question(s)" in m and "pool question 1" in m for m in caplog.messages)
+  # exactly at the limit fits
+  assert problems.fit_context(prob, v, "zero_shot_cot", n + 8, {"pool": 8}, "raise").pool == qs
+
+
+@pytest.mark.slow
+def test_too_long_prompts_skipped_and_counted(tmp_path):
+  """on_error=skip: the run finishes; bad and too-long records are counted in report.json."""
+  data = _gsm8k_dir(tmp_path, "How many apples? " * 30)
+  workdir = tmp_path / "run"
+  p = subprocess.run(GSM8K_SMOKE + [f"--workdir={workdir}", f"--config.data.dir={data}",
+                                    "--config.data.on_error=skip",
+                                    # a random model's digits are its only "answers"
+                                    "--config.voting.fallback_last_number=True"],
+                     cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+  assert p.returncode == 0, p.stderr[-4000:]
+  rep = json.loads((workdir / "report.json").read_text())
+  assert rep["skipped"] == {"pool": {"bad_records": 1, "too_long": 1},
+                            "eval": {"bad_records": 0, "too_long": 1}}
+  assert rep["rounds"][0]["num_questions"] == 4 and rep["base"]["num_questions"] == 3
+  assert "skipped 1 question(s) whose prompt + decode steps exceed" in p.stderr
+  assert "train.jsonl:3: prompt is 542 tokens" in p.stderr
+  ids = [json.loads(l)["id"] for l in (workdir / "round_1" / "votes.jsonl").read_text().splitlines()]
+  assert ids == ["train-1", "train-2", "train-5", "train-6"]
+  assert rep["rounds"][0]["train_truncated"] == 0

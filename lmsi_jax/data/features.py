@@ -196,6 +196,11 @@ class BatchIterator(Iterator[Batch]):
   def __iter__(self) -> BatchIterator:
     return self
 
+  @property
+  def truncated(self) -> int:
+    """Over-long (truncated) examples read so far, finished epochs and the current one."""
+    return self.num_truncated + (int(self._truncated.numpy()) if self._it is not None else 0)
+
   def state(self) -> dict[str, Any]:
     """JSON-serialisable position: the next row is row `row` of epoch `epoch`."""
     return {"version": _STATE_VERSION, "epoch": self._epoch, "row": self._row,
@@ -245,6 +250,11 @@ class GlobalBatches(Iterator[Batch]):
 
   def __iter__(self) -> GlobalBatches:
     return self
+
+  @property
+  def truncated(self) -> int:
+    """This process's over-long examples so far (see `BatchIterator.truncated`)."""
+    return sum(it.truncated for it in self.iterators)
 
   def state(self) -> dict[str, Any]:
     return {"shards": [it.state() for it in self.iterators]}

@@ -1,9 +1,11 @@
 """GSM8K: JSONL and TFDS loaders into the question-pool schema, and SeqIO tasks.
 
-Records are ``{"id", "question", "answer", "cot"}``: ``answer`` is the gold
-final number (text after ``####``, commas removed), ``cot`` the reference
-solution without ``<<...>>`` calculator annotations, lines joined by spaces,
-ending in ``"The answer is X."`` (the LMSI exemplar format).
+Records are ``{"id", "question", "answer", "cot", "source"}``: ``answer`` is
+the gold final number (text after ``####``, commas removed), ``cot`` the
+reference solution without ``<<...>>`` calculator annotations, lines joined by
+spaces, ending in ``"The answer is X."`` (the LMSI exemplar format); ``source``
+says where the record came from (``"path:line"``, or the TFDS split and index)
+so later checks (e.g. prompt length) can name it.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def _iter_jsonl(path: str, on_error: str,
       try:
         obj = jsonl_lib._parse_line(raw.rstrip(b"\r"), _KEYS)  # pylint: disable=protected-access
         pair = (obj["question"], obj["answer"])
-        rec = _record(f"{stem}-{lineno}", *pair)
+        rec = {**_record(f"{stem}-{lineno}", *pair), "source": f"{path}:{lineno}"}
       except ValueError as e:
         if on_error == "raise":
           raise ValueError(f"{path}:{lineno}: {e}") from None
@@ -191,9 +193,9 @@ def split_path(data_dir: str, split: str) -> str:
 
 
 def load_split(data_dir: str, split: str, *, on_error: str = "raise",
-               limit: int | None = None) -> list[dict]:
+               limit: int | None = None, stats: dict | None = None) -> list[dict]:
   """Records of ``{data_dir}/{split}.jsonl``, split "train" or "test"."""
-  return load_jsonl(split_path(data_dir, split), on_error=on_error, limit=limit)
+  return load_jsonl(split_path(data_dir, split), on_error=on_error, limit=limit, stats=stats)
 
 
 def _hide_gpus_from_tf() -> None:
@@ -206,11 +208,11 @@ def _hide_gpus_from_tf() -> None:
 
 
 def load_tfds(split: str, data_dir: str | None = None, *, on_error: str = "raise",
-              limit: int | None = None) -> list[dict]:
+              limit: int | None = None, stats: dict | None = None) -> list[dict]:
   """Records from TFDS ``gsm8k:1.0.0`` (downloads on first use).
 
   Ids are ``f"tfds_{split}-{i}"`` in TFDS read order, which is not the JSONL
-  line order.
+  line order. Skipped examples are counted in ``stats["skipped"]`` if given.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   _hide_gpus_from_tf()
@@ -219,13 +221,16 @@ def load_tfds(split: str, data_dir: str | None = None, *, on_error: str = "raise
   for i, ex in enumerate(tfds.as_numpy(ds)):
     if limit is not None and len(out) >= limit:
       break
+    where = f"TFDS {TFDS_NAME} split {split}, example {i}"
     try:
-      out.append(_record(f"tfds_{split}-{i}", ex["question"].decode("utf-8"),
-                         ex["answer"].decode("utf-8")))
+      out.append({**_record(f"tfds_{split}-{i}", ex["question"].decode("utf-8"),
+                            ex["answer"].decode("utf-8")), "source": where})
     except (ValueError, UnicodeDecodeError) as e:
       if on_error == "raise":
-        raise ValueError(f"TFDS {TFDS_NAME} split {split}, example {i}: {e}") from None
+        raise ValueError(f"{where}: {e}") from None
       skipped += 1
+  if stats is not None:
+    stats["skipped"] = skipped
   if skipped:
     logging.warning("TFDS %s split %s: skipped %d bad example(s)", TFDS_NAME, split, skipped)
   return out
