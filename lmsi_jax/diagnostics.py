@@ -38,12 +38,13 @@ def markdown(rep: dict) -> list[str]:
   gen = [r for r in rows if r.get("selfgen")]
   if gen:
     lines += ["", "Self-generated questions (LMSI §3.3):", "",
-              "| round | written | empty | duplicates | answered | kept | kept precision |",
-              "|---|---|---|---|---|---|---|"]
+              "| round | written | empty | duplicates | too long | answered | kept | kept precision |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in gen:
       g = r["selfgen"]
       lines.append(f"| {r['round']} | {g.get('num_candidates')} | {g.get('num_empty')} | "
-                   f"{g.get('num_duplicates')} | {g.get('num_new')} | {g.get('num_kept')} | "
+                   f"{g.get('num_duplicates')} | {g.get('num_too_long', 0)} | {g.get('num_new')} | "
+                   f"{g.get('num_kept')} | "
                    f"{_pct(g.get('kept_precision'))} |")
   es = rep.get("early_stop")
   if es:

@@ -12,7 +12,8 @@ and continues with a new question (up to the end of the line), once per
 prompt, `num_questions` prompts. A candidate is dropped when it is empty or
 duplicates an existing question (seed, pool or eval set, or an earlier
 candidate; compared after whitespace normalisation, so no eval question can
-enter training). The rest are answered by self-consistency with the round's
+enter training), or when its prompt plus the decode budget would not fit the
+model's context. The rest are answered by self-consistency with the round's
 prompt and sampling settings, and a candidate is kept only when the vote share
 of its majority answer is >= `min_vote_share` (1.0 keeps unanimous ones only).
 Kept questions join the round's unlabeled pool and go through the same
@@ -57,6 +58,7 @@ from lmsi_jax import sampler
 from lmsi_jax import voting
 from lmsi_jax.data import jsonl
 from lmsi_jax.data import synthetic
+from lmsi_jax.data import vocab as vocab_lib
 
 EXEMPLAR_TRIES = 4     # greedy answers tried per wanted exemplar
 
@@ -102,6 +104,12 @@ def confident_questions(sample_records: Sequence[dict], s: pl.VoteSettings,
   return out
 
 
+def _fits(p, lm, question: str) -> bool:
+  """Whether the question's sampling prompt plus the decode budget fits the model context."""
+  n = len(vocab_lib.encode_prompt(p.vocab, p.prompts([{"question": question}])[0]))
+  return n + p.cfg.sampling.max_decode_steps <= lm.cfg.max_seq_len
+
+
 def diagnostic_gold(problem_name: str, question: str) -> str | None:
   """The true answer where the task can compute it (synthetic sums); else None."""
   if problem_name != "synthetic":
@@ -135,6 +143,8 @@ def generate_questions(p, lm, r: int) -> tuple[list[dict], dict]:
     cands = mark_candidates([row[0].text for row in out], existing)
     for i, cand in enumerate(cands):
       cand.update(id=f"gen{r}-{i}", answer=diagnostic_gold(p.problem.name, cand["question"]))
+      if cand["status"] == "new" and not _fits(p, lm, cand["question"]):
+        cand["status"] = "too_long"
     if jax.process_index() == 0:
       jsonl.write_jsonl_atomic(cand_path, cands)
   new = [{"id": x["id"], "question": x["question"], "answer": x["answer"], "cot": None}
@@ -152,6 +162,7 @@ def generate_questions(p, lm, r: int) -> tuple[list[dict], dict]:
   summary = {"num_candidates": len(cands),
              "num_empty": sum(x["status"] == "empty" for x in cands),
              "num_duplicates": sum(x["status"] == "duplicate" for x in cands),
+             "num_too_long": sum(x["status"] == "too_long" for x in cands),
              "num_new": len(new), "num_kept": len(kept),
              "mean_vote_share": float(np.mean([v["share"] for v in votes])) if votes else None,
              "kept_precision": float(np.mean(scored)) if scored else None,

@@ -75,7 +75,7 @@ def test_exemplar_pairs_layout():
 def pipe(tmp_path_factory):
   from lmsi_jax import rounds
   cfg = demo_config("smoke")
-  cfg.selfgen.update(questions=True, num_questions=6, prompt_questions=3, seed_questions=5,
+  cfg.selfgen.update(questions=True, num_questions=7, prompt_questions=3, seed_questions=5,
                      min_vote_share=1.0, exemplars=True, num_exemplars=2)
   cfg.sampling.update(num_samples=4)
   return rounds.Pipeline(cfg, str(tmp_path_factory.mktemp("selfgen")))
@@ -110,13 +110,13 @@ def test_generated_questions_stage(pipe, monkeypatch):
   pool, evals = pipe.problem.pool, pipe.problem.eval
   gen = ScriptedGenerate(
       [" 1+1+1+1+1\nA: 1+1=2", " " + pool[0]["question"], evals[1]["question"], "",
-       " 2+2+2+2+2", " 1+1+1+1+1"],
+       " 2+2+2+2+2", " 1+1+1+1+1", " " + "1+" * 300 + "1"],
       {"1+1+1+1+1": ["5"] * 4, "2+2+2+2+2": ["10", "10", "10", "11"]})
   monkeypatch.setattr(sampler, "generate", gen)
   kept, summary = selfgen.generate_questions(pipe, pipe.base_lm, 1)
   # write prompts: 3 seed questions from the first 5 pool questions, at sampling temperature
   first = gen.calls[0]
-  assert len(first["prompts"]) == 6 and first["stop_strings"] == ("\n",)
+  assert len(first["prompts"]) == 7 and first["stop_strings"] == ("\n",)
   assert first["temperature"] == pipe.cfg.sampling.temperature
   seeds = {q["question"] for q in pool[:5]}
   for p in first["prompts"]:
@@ -126,11 +126,11 @@ def test_generated_questions_stage(pipe, monkeypatch):
                                                    {"question": "2+2+2+2+2"}])
   assert [q["question"] for q in kept] == ["1+1+1+1+1"]       # 3/4 share < 1.0
   assert kept[0]["answer"] == "5" and kept[0]["id"] == "gen1-0"   # diagnostic gold only
-  assert summary == {**summary, "num_candidates": 6, "num_empty": 1, "num_duplicates": 3,
-                     "num_new": 2, "num_kept": 1, "kept_precision": 1.0}
+  assert summary == {**summary, "num_candidates": 7, "num_empty": 1, "num_duplicates": 3,
+                     "num_too_long": 1, "num_new": 2, "num_kept": 1, "kept_precision": 1.0}
   d = os.path.join(pipe.workdir, "round_1", "selfgen")
   assert jsonl.read_jsonl(os.path.join(d, "questions.jsonl")) == kept
-  assert len(jsonl.read_jsonl(os.path.join(d, "candidates.jsonl"))) == 6
+  assert len(jsonl.read_jsonl(os.path.join(d, "candidates.jsonl"))) == 7
   # a re-run reads the files and generates nothing
   monkeypatch.setattr(sampler, "generate", lambda *a, **k: pytest.fail("generated again"))
   assert selfgen.generate_questions(pipe, pipe.base_lm, 1) == (kept, summary)
