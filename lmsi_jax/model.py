@@ -260,14 +260,19 @@ class Llama(nnx.Module):
     dt = DTYPES[self.cfg.dtype]
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
     new_cache = [] if cache is not None else None
-    block = lambda layer, x, p, m: layer(x, p, m, None, 0)[0]
-    if remat != "none":
-      block = nnx.remat(block, policy=REMAT_POLICIES[remat])
+    if cache is None and remat != "none":
+      # A scan over the layers (their parameters stacked: one extra copy) with a
+      # rematerialised body: each layer is recomputed inside the backward loop, where no
+      # scheduler can hoist it back next to the forward pass (XLA:CPU's does for an
+      # unrolled loop of checkpointed blocks, which then saves little memory).
+      graphdef = nnx.graphdef(self.layers[0])
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(l) for l in self.layers])
+      body = lambda x, st: (nnx.merge(graphdef, st)(x, positions, mask, None, 0)[0], None)
+      x, _ = jax.lax.scan(jax.checkpoint(body, policy=REMAT_POLICIES[remat]), x, stacked)
+      return self.final_norm(x), None
     for i, layer in enumerate(self.layers):
-      if cache is None:
-        x = block(layer, x, positions, mask)
-      else:
-        x, c = layer(x, positions, mask, cache[i], cache_index)
+      x, c = layer(x, positions, mask, None if cache is None else cache[i], cache_index)
+      if cache is not None:
         new_cache.append(c)
     return self.final_norm(x), new_cache
 

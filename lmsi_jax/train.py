@@ -200,15 +200,10 @@ class TrainStep:
                        f"data*fsdp size {sharding.batch_divisor(mesh)}")
     rep = NamedSharding(mesh, P())
     self._init = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
-    # XLA:CPU's default (concurrency-optimised) schedule hoists the rematerialised forward
-    # back next to the forward pass, so remat would save nothing; the memory-optimised one keeps it.
-    cpu_remat = tcfg.remat != "none" and mesh.devices.flat[0].platform == "cpu"
     self._step = jax.jit(functools.partial(self._train_step, graphdef),
                          in_shardings=(param_shardings, self.opt_shardings, self.batch_sharding, rep),
                          out_shardings=(param_shardings, self.opt_shardings, rep),
-                         donate_argnums=(0, 1), compiler_options={
-                             "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-                         if cpu_remat else None)
+                         donate_argnums=(0, 1))
 
   def _train_step(self, graphdef, params, opt_state, batch, step):
     tcfg, k = self.tcfg, self.tcfg.grad_accum
