@@ -23,7 +23,8 @@ restart setting reads continue's round 1.
 
 Layout: DIR/base/, DIR/data/, DIR/<setting>/round_<r>/... (as in rounds.py),
 DIR/<setting>/direct_eval.json, DIR/report.json (`format_ablation` or
-`strategies`: {setting: {greedy_acc, sc_acc, direct_greedy_acc, ...}}; `rounds`
+`strategies`: {setting: {greedy_acc, sc_acc, direct_greedy_acc, wall_s (the
+setting's own stages: a shared round counts once), ...}}; `rounds`
 is the all_four / continue setting's), report.md, the usual plots. Resumable
 stage by stage like the pipeline.
 """
@@ -106,6 +107,8 @@ class _Study:
       rows = s.run_lmsi(base_lm, base_steps, base["greedy_acc"])
       direct = direct_eval(s, s.final_lm, s.path("direct_eval.json"))
       last = rows[-1] if rows else base
+      own = [r for r in rows if s.path(f"round_{r['round']}") == os.path.join(s.workdir,
+                                                                              f"round_{r['round']}")]
       table[name] = {
           "formats": list(cfg.formats), "init": cfg.rounds.init, "num_rounds": len(rows),
           "greedy_acc": last["greedy_acc"], "sc_acc": last["sc_acc"],
@@ -114,7 +117,7 @@ class _Study:
           "rounds": [{k: r[k] for k in ("round", "greedy_acc", "sc_acc", "num_pseudo_labels",
                                         "pseudo_label_precision")} for r in rows],
           "early_stop": s.early_stop,
-          "wall_s": sum(r["wall_s"] for r in rows) + direct["wall_s"]}
+          "wall_s": sum(r["wall_s"] for r in own) + direct["wall_s"]}   # its own stages
       all_rounds[name] = rows
     main = next(iter(all_rounds)) if self.key == "strategies" else "all_four"
     rep = report_lib.build_report(
