@@ -7,6 +7,11 @@ an error. Shared references: none; every leaf is independent.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
 
 from lmsi_jax import formats as formats_lib
@@ -187,3 +192,30 @@ def _get(c, dotted):
     c = c[k]
   return c
 
+
+
+def load_config_file(path: str, variant: str | None = None,
+                     overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """`path`'s `get_config(variant)` plus dotted overrides, without absl flags (notebooks, tests).
+
+  `overrides` maps "a.b" keys to values, as `--config.a.b=value` does on the command line;
+  an unknown key raises KeyError naming it, a wrongly typed value the locked ConfigDict's error.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such config file")
+  name = "lmsi_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(variant)
+  for key, value in (overrides or {}).items():
+    *groups, leaf = key.split(".")
+    node = c
+    for i, g in enumerate(groups):
+      if g not in node:
+        raise KeyError(f"{path}: unknown config key {'.'.join(groups[:i + 1])!r} in {key!r}")
+      node = node[g]
+    if leaf not in node:
+      raise KeyError(f"{path}: unknown config key {key!r}")
+    node[leaf] = value
+  return c

@@ -1,4 +1,5 @@
 """Every test sees 8 CPU devices, so sharded code is tested sharded."""
+import functools
 import os
 import tempfile
 
@@ -18,7 +19,8 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.abspath(os.path.join(REPO, "..", "shared"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -59,3 +61,10 @@ def smollm2_gguf():
 def mesh8():
   from lmsi_jax import sharding
   return sharding.make_mesh((2, 2, 2))
+
+
+@pytest.fixture(scope="session")
+def demo_config():
+  """`demo_config(variant, overrides=None)`: configs/demo.py's config, as a notebook loads it."""
+  from lmsi_jax import config as config_lib
+  return functools.partial(config_lib.load_config_file, os.path.join(REPO, "configs", "demo.py"))

@@ -4,7 +4,6 @@ Sampling is scripted (every path adds the terms correctly, in an order that
 depends on the sample), so the test needs no trained model; training, voting,
 formats, evaluation and the report are real.
 """
-import importlib.util
 import json
 import os
 import re
@@ -17,21 +16,13 @@ from lmsi_jax import sampler
 from lmsi_jax.data import jsonl
 from lmsi_jax.data import synthetic
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {"no_cot": {"few_shot_direct", "zero_shot_direct"},
             "few_shot_cot_only": {"few_shot_cot"},
             "all_four": {"few_shot_cot", "few_shot_direct", "zero_shot_cot", "zero_shot_direct"}}
 
 
-def demo_config(variant):
-  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs", "demo.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
-
-
-def tiny(variant):
-  c = demo_config(variant)
+def tiny(c):
+  """A demo study config cut to seconds."""
   c.base_train.enabled = False
   c.synthetic.update(seed_easy_n=40, seed_hard_n=4, pool_n=6, eval_n=6)
   c.sampling.update(num_samples=2, max_decode_steps=8)
@@ -65,7 +56,7 @@ def scripted(monkeypatch):
   monkeypatch.setattr(sampler, "generate", scripted_generate)
 
 
-def test_demo_variants_validate_and_dispatch():
+def test_demo_variants_validate_and_dispatch(demo_config):
   fa, st = demo_config("format_ablation"), demo_config("strategy")
   for c in (fa, st):
     config_lib.validate(c)
@@ -80,9 +71,9 @@ def test_demo_variants_validate_and_dispatch():
 
 
 @pytest.mark.slow
-def test_format_ablation_report_contract(tmp_path, scripted):
+def test_format_ablation_report_contract(tmp_path, scripted, demo_config):
   workdir = str(tmp_path)
-  rep = modes.build(tiny("format_ablation_smoke"), workdir).run()
+  rep = modes.build(tiny(demo_config("format_ablation_smoke")), workdir).run()
   with open(os.path.join(workdir, "report.json")) as f:
     assert json.load(f)["format_ablation"] == rep["format_ablation"]
   fa = rep["format_ablation"]
@@ -107,14 +98,14 @@ def test_format_ablation_report_contract(tmp_path, scripted):
   assert "## Format ablation (LMSI Table 5)" in md and "| few_shot_cot_only | few_shot_cot | 1 |" in md
   # a re-run reads every stage back and samples nothing
   calls.clear()
-  again = modes.build(tiny("format_ablation_smoke"), workdir).run()
+  again = modes.build(tiny(demo_config("format_ablation_smoke")), workdir).run()
   assert calls == [] and again["format_ablation"] == rep["format_ablation"]
 
 
 @pytest.mark.slow
-def test_strategies_share_round_one(tmp_path, scripted):
+def test_strategies_share_round_one(tmp_path, scripted, demo_config):
   workdir = str(tmp_path)
-  rep = modes.build(tiny("strategy_smoke"), workdir).run()
+  rep = modes.build(tiny(demo_config("strategy_smoke")), workdir).run()
   st = rep["strategies"]
   assert set(st) == {"continue", "restart"}
   for name in st:

@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from lmsi_jax.data import jsonl
+from lmsi_jax import config as config_lib
 from lmsi_jax import voting
+from lmsi_jax.data import jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = [sys.executable, "-m", "lmsi_jax.main", "--config=configs/demo.py:smoke"]
@@ -143,11 +144,25 @@ def test_config_errors_are_one_line(tmp_path, override, msg):
   assert "Traceback" not in p.stderr
 
 
+def test_load_config_file_applies_overrides_and_names_bad_keys(demo_config):
+  """The notebooks' loader: dotted overrides as on the command line, one clear error each."""
+  c = demo_config("smoke", {"rounds.num_rounds": 1, "sampling.temperature": 0.5})
+  assert (c.rounds.num_rounds, c.sampling.temperature) == (1, 0.5)
+  assert demo_config("smoke").rounds.num_rounds == 2           # a fresh config every call
+  with pytest.raises(KeyError, match="unknown config key 'rounds.num_round'"):
+    demo_config("smoke", {"rounds.num_round": 1})
+  with pytest.raises(KeyError, match="unknown config key 'round' in 'round.num_rounds'"):
+    demo_config("smoke", {"round.num_rounds": 1})
+  with pytest.raises(TypeError, match="num_rounds"):
+    demo_config("smoke", {"rounds.num_rounds": "two"})
+  with pytest.raises(FileNotFoundError, match="nope.py: no such config file"):
+    config_lib.load_config_file(os.path.join(REPO, "configs", "nope.py"))
+
+
 @pytest.mark.slow
 def test_round_checkpoint_loads_as_model_checkpoint(smoke, mesh8):
   """A round's Orbax directory is a valid `model.checkpoint` for a new run."""
   import numpy as np
-  from lmsi_jax import config as config_lib
   from lmsi_jax import models_io
   workdir, _ = smoke
   cfg = config_lib.base_config()

@@ -1,6 +1,5 @@
 """Round strategies through a Pipeline: restart vs continue, early stopping, wiring of options."""
 import dataclasses
-import importlib.util
 import json
 import os
 
@@ -12,18 +11,11 @@ from lmsi_jax import early_stop
 from lmsi_jax import pseudo_labels as pl
 from lmsi_jax import selfgen
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def demo_config(variant):
-  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs", "demo.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
+def pipe(tmp_path_factory, demo_config):
   from lmsi_jax import rounds
   cfg = demo_config("smoke")
   cfg.voting.update(min_vote_share=0.5, max_paths=3, dedup=True, weighted=True)

@@ -1,5 +1,4 @@
 """Self-generated questions and exemplars (LMSI §3.3): filters, prompts, files, resume."""
-import importlib.util
 import json
 import os
 
@@ -13,14 +12,7 @@ from lmsi_jax import selfgen
 from lmsi_jax.data import jsonl
 
 S = pl.VoteSettings()
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def demo_config(variant):
-  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs", "demo.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
 
 
 def _rec(qid, answers):
@@ -72,7 +64,7 @@ def test_exemplar_pairs_layout():
 
 # --------------------------------------------------------- through a Pipeline
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
+def pipe(tmp_path_factory, demo_config):
   from lmsi_jax import rounds
   cfg = demo_config("smoke")
   cfg.selfgen.update(questions=True, num_questions=7, prompt_questions=3, seed_questions=5,
