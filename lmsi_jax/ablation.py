@@ -31,6 +31,7 @@ stage by stage like the pipeline.
 
 from __future__ import annotations
 
+import abc
 import os
 import time
 
@@ -86,16 +87,17 @@ def direct_eval(p: rounds_lib.Pipeline, lm, out_path: str) -> dict:
   return res
 
 
-class _Study:
+class _Study(abc.ABC):
   """Base once, then `settings()` from it; `key` names the report entry."""
-  key = ""
+  key: str
 
   def __init__(self, cfg, workdir: str):
     self.cfg, self.workdir = cfg, workdir
     self.pipeline = rounds_lib.Pipeline(cfg, workdir)
 
+  @abc.abstractmethod
   def settings(self) -> list[tuple[str, object, dict]]:
-    raise NotImplementedError
+    """(name, config, shared round directories) for each setting, in report order."""
 
   def run(self) -> dict:
     t0, p = time.time(), self.pipeline
