@@ -63,7 +63,7 @@ def _w2s(c, smoke: bool):
   c.train.schedule = "cosine"
   if not smoke:
     c.train.num_steps = 600
-  if smoke:   # a teacher that already ends its paths with an answer (40 steps do not)
+  else:       # a teacher that already ends its paths with an answer (40 steps do not)
     c.base_train.num_steps = 150
     c.train.checkpoint_every = 1000
   return c

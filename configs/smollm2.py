@@ -14,14 +14,9 @@ CPU with the real 8-shot CoT prompt (short decodes voted on their last number,
 import importlib.util
 import os
 
+from lmsi_jax import config as config_lib
 
-def _gsm8k_config(arg):
-  """configs/gsm8k.py, loaded by path (config files are not a package)."""
-  spec = importlib.util.spec_from_file_location(
-      "lmsi_configs_gsm8k", os.path.join(os.path.dirname(os.path.abspath(__file__)), "gsm8k.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+GSM8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gsm8k.py")
 
 
 def default_checkpoint() -> str:
@@ -32,7 +27,7 @@ def default_checkpoint() -> str:
 
 
 def get_config(arg: str | None = None):
-  c = _gsm8k_config(None)
+  c = config_lib.load_config_file(GSM8K)
   c.model.checkpoint = default_checkpoint()
   c.model.max_seq_len = 2048
   c.train.seq_len = 1536

@@ -39,6 +39,7 @@ import numpy as np
 
 from lmsi_jax import distributed
 from lmsi_jax import evaluate as eval_lib
+from lmsi_jax import fileio
 from lmsi_jax import formats as formats_lib
 from lmsi_jax import report as report_lib
 from lmsi_jax import rounds as rounds_lib
@@ -70,7 +71,7 @@ class Setting(rounds_lib.Pipeline):
 def direct_eval(p: rounds_lib.Pipeline, lm, out_path: str) -> dict:
   """Greedy accuracy with the direct prompt ("standard prompting"), cached in out_path."""
   if distributed.agreed_exists(out_path):
-    return rounds_lib.read_json(out_path)
+    return fileio.read_json(out_path)
   t0 = time.time()
   fmt = "few_shot_direct" if p.problem.exemplars is not None else "zero_shot_direct"
   qs = p.problem.eval
@@ -83,7 +84,7 @@ def direct_eval(p: rounds_lib.Pipeline, lm, out_path: str) -> dict:
   votes = [voting.majority_vote(eval_lib.answers_of([row[0].text], s)) for row in out]
   ok = eval_lib.score_votes(votes, [q["answer"] for q in qs], s.answer_type)
   res = {"prompt_format": fmt, "greedy_acc": float(np.mean(ok)), "wall_s": time.time() - t0}
-  rounds_lib.write_json_atomic(out_path, res)
+  distributed.write_json(out_path, res)
   return res
 
 
@@ -130,7 +131,7 @@ class _Study(abc.ABC):
     rep.update(mode=self.cfg.mode, early_stop=table[main]["early_stop"])
     rep["base"]["direct_greedy_acc"] = base_direct["greedy_acc"]
     rep[self.key] = table
-    if rounds_lib._main():  # pylint: disable=protected-access
+    if distributed.is_main_process():  # pylint: disable=protected-access
       report_lib.write_report(rep, self.workdir)
     return rep
 

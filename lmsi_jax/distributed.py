@@ -135,6 +135,13 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def write_json(path: str, obj) -> None:
+  """Process 0 writes `obj` as JSON atomically; the other processes do nothing."""
+  if is_main_process():
+    from lmsi_jax import fileio  # pylint: disable=g-import-not-at-top
+    fileio.write_json_atomic(path, obj)
+
+
 def agreed_exists(path: str) -> bool:
   """Whether `path` exists, as process 0 sees it, on every process.
 

@@ -7,6 +7,7 @@ run) sees either the old file or the complete new one, never a partial one.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import uuid
@@ -97,3 +98,12 @@ def write_atomic(path: str, chunks: Iterable[bytes]) -> int:
 
 def write_text_atomic(path: str, text: str) -> None:
   write_atomic(path, [text.encode("utf-8")])
+
+
+def read_json(path: str):
+  return json.loads(read_text(path))
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """`obj` as indented, key-sorted JSON, written atomically (see `write_text_atomic`)."""
+  write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))

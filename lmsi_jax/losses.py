@@ -60,11 +60,12 @@ class ConfidenceLoss:
     hard = jnp.argmax(probs, axis=-1)
     confident = (jnp.max(probs, axis=-1) >= self.threshold).astype(jnp.float32)
     ce_hard = optax.softmax_cross_entropy_with_integer_labels(logits, hard)
-    a = self.alpha(ctx.step, ctx.num_steps) * confident
+    alpha = self.alpha(ctx.step, ctx.num_steps)
+    a = alpha * confident
     loss = (1.0 - a) * ce + a * ce_hard
     wsum = jnp.sum(w)
     frac = lambda m: jnp.sum(m * w) / jnp.maximum(wsum, 1.0)
-    aux = {"conf_alpha": self.alpha(ctx.step, ctx.num_steps) * jnp.ones((), jnp.float32),
+    aux = {"conf_alpha": alpha * jnp.ones((), jnp.float32),
            "conf_confident_frac": frac(confident),
            "conf_disagree_frac": frac(confident * (hard != labels).astype(jnp.float32))}
     return jnp.sum(loss * w), wsum, aux

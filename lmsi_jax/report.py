@@ -86,9 +86,6 @@ def to_markdown(rep: dict) -> str:
   if rep.get("format_ablation") or rep.get("strategies"):
     from lmsi_jax import ablation  # pylint: disable=g-import-not-at-top
     lines += ablation.markdown(rep)
-  for extra in ("w2s",):
-    if rep.get(extra):
-      lines += ["", f"## {extra}", "", "```json", json.dumps(rep[extra], indent=1), "```"]
   return "\n".join(lines) + "\n"
 
 
@@ -111,7 +108,7 @@ def plot(rep: dict, workdir: str) -> list[str]:
   ax.set_xticks(xs)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  paths.append(_save(fig, os.path.join(workdir, "accuracy.png")))
+  paths.append(save_png(fig, os.path.join(workdir, "accuracy.png")))
 
   fig, ax = plt.subplots(figsize=(5, 4))
   for name, cal in (("base", rep["base_calibration"]), ("last round", rep["calibration"])):
@@ -123,12 +120,13 @@ def plot(rep: dict, workdir: str) -> list[str]:
          title="Calibration (self-consistency)")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  paths.append(_save(fig, os.path.join(workdir, "calibration.png")))
-  paths += [p for p in [diagnostics.plot(rep, workdir, _save)] if p]
+  paths.append(save_png(fig, os.path.join(workdir, "calibration.png")))
+  paths += [p for p in [diagnostics.plot(rep, workdir, save_png)] if p]
   return paths
 
 
-def _save(fig, path: str) -> str:
+def save_png(fig, path: str) -> str:
+  """Writes `fig` as a PNG atomically (local or gs://), closes it; returns `path`."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=120)

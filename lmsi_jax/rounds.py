@@ -23,7 +23,6 @@ interrupted one (sampling per shard, training from its last checkpoint).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -49,17 +48,14 @@ from lmsi_jax.data import tasks
 from lmsi_jax.models_io import build_model
 
 
-def _main() -> bool:
-  return jax.process_index() == 0
-
-
-def write_json_atomic(path: str, obj) -> None:
-  if _main():
-    fileio.write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
-
-
-def read_json(path: str):
-  return json.loads(fileio.read_text(path))
+def sum_recorded_wall_s(files) -> float:
+  """Total of the stage wall times recorded in those of `files` that exist."""
+  total = 0.0
+  for f in files:
+    if fileio.exists(f):
+      d = fileio.read_json(f)
+      total += d.get("wall_s", 0.0) + d.get("sample_wall_s", 0.0) + d.get("vote_wall_s", 0.0)
+  return total
 
 
 def _log_stage(name: str, t0: float) -> float:
@@ -120,7 +116,7 @@ class Pipeline:
     return train_lib.TrainConfig.from_dict(d)
 
   def register(self, name: str, path: str, records=None):
-    if records is not None and _main():
+    if records is not None and distributed.is_main_process():
       jsonl.write_jsonl_atomic(path, records)
     distributed.barrier(f"register {name}")   # every process reads the file process 0 wrote
     return tasks.register_task(name, path, self.vocab)
@@ -158,22 +154,22 @@ class Pipeline:
                       os.path.relpath(out_dir, self.workdir), cut, tcfg.seq_len)
     done = os.path.join(out_dir, "done.json")
     if not distributed.agreed_exists(done):
-      write_json_atomic(done, {"wall_s": _log_stage(out_dir, t0), "num_steps": tcfg.num_steps,
+      distributed.write_json(done, {"wall_s": _log_stage(out_dir, t0), "num_steps": tcfg.num_steps,
                                "num_truncated": cut})
     return lm
 
   def evaluate(self, lm, out_path: str, temperature: float, seed_offset: int) -> dict:
     if distributed.agreed_exists(out_path):
-      return read_json(out_path)
+      return fileio.read_json(out_path)
     t0 = time.time()
     qs = self.problem.eval
     s = self.eval_settings(temperature)
     with tqdm(total=len(qs) * (1 + s.num_samples), desc=f"eval {os.path.basename(os.path.dirname(out_path))}",
-              disable=not _main(), mininterval=2) as bar:
+              disable=not distributed.is_main_process(), mininterval=2) as bar:
       res = eval_lib.evaluate(lm, self.vocab, qs, self.prompts(qs), s,
                               seed=self.cfg.seed * 7919 + seed_offset, progress=bar.update)
     res["wall_s"] = _log_stage(out_path, t0)
-    write_json_atomic(out_path, res)
+    distributed.write_json(out_path, res)
     return res
 
   def sample_and_vote(self, lm, r: int, source_step: int, questions=None) -> dict:
@@ -181,11 +177,11 @@ class Pipeline:
     rdir = self.path(f"round_{r}")
     summary_path = os.path.join(rdir, "vote_summary.json")
     if distributed.agreed_exists(summary_path):
-      return read_json(summary_path)
+      return fileio.read_json(summary_path)
     t0 = time.time()
     c, qs = self.cfg, self.problem.pool if questions is None else questions
     s = c.sampling
-    with tqdm(total=len(qs) * s.num_samples, desc=f"sample round {r}", disable=not _main(),
+    with tqdm(total=len(qs) * s.num_samples, desc=f"sample round {r}", disable=not distributed.is_main_process(),
               mininterval=2) as bar:
       samples = pl.sample_pool(
           lm, self.vocab, qs, self.prompts(qs), self.path(f"round_{r}", "samples"),
@@ -200,13 +196,13 @@ class Pipeline:
     if not labels:
       logging.warning("round %d: voting kept no path (no parseable answer in any sample); "
                       "the round trains on the rest of its mixture", r)
-    if _main():
+    if distributed.is_main_process():
       jsonl.write_jsonl_atomic(os.path.join(rdir, "votes.jsonl"), votes)
       jsonl.write_jsonl_atomic(os.path.join(rdir, "pseudo_labels.jsonl"), labels)
     summary = pl.summarize_votes(votes, c.eval.calibration_bins)
     summary.update(num_records=len(labels), sample_wall_s=t_sample,
                    vote_wall_s=_log_stage(f"round_{r}/vote", t1))
-    write_json_atomic(summary_path, summary)
+    distributed.write_json(summary_path, summary)
     return summary
 
   def mixture(self, arm: str, r: int, round_tasks: list) -> object:
@@ -234,12 +230,7 @@ class Pipeline:
                                                      "eval.json", "selfgen/summary.json")]
       files += [self.path(arm, f"round_{r}", "train", "done.json") for arm in ("oracle", "control")]
     files += [self.path(arm, "eval.json") for arm in ("oracle", "control")]
-    total = 0.0
-    for f in files:
-      if fileio.exists(f):
-        d = read_json(f)
-        total += d.get("wall_s", 0.0) + d.get("sample_wall_s", 0.0) + d.get("vote_wall_s", 0.0)
-    return total
+    return sum_recorded_wall_s(files)
 
   # --------------------------------------------------------------------- runs
   def run_lmsi(self, base_lm, base_steps: int, base_greedy_acc: float) -> list[dict]:
@@ -261,7 +252,7 @@ class Pipeline:
       current = self.train(init, self.mixture("lmsi", r, round_tasks),
                            self.path(f"round_{r}", "train"), data_seed=self.cfg.seed + 1000 * r)
       ev = self.evaluate(current, self.path(f"round_{r}", "eval.json"), self.cfg.eval.temperature, r)
-      done = read_json(self.path(f"round_{r}", "train", "done.json"))
+      done = fileio.read_json(self.path(f"round_{r}", "train", "done.json"))
       train_wall = done["wall_s"]
       rounds.append({"round": r, "greedy_acc": ev["greedy_acc"], "sc_acc": ev["sc_acc"],
                      "num_questions": summary["num_questions"],
@@ -312,7 +303,7 @@ class Pipeline:
                                      wall_s_this_invocation=time.time() - t0)
     report["early_stop"] = self.early_stop
     report["skipped"] = self.problem.skipped     # records dropped under data.on_error="skip"
-    if _main():
+    if distributed.is_main_process():
       report_lib.write_report(report, self.workdir)
     return report
 

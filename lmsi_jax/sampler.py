@@ -12,7 +12,6 @@ the round pipeline.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 from collections.abc import Callable, Sequence

@@ -41,13 +41,11 @@ Files (atomic; a re-run reads them instead of generating again):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 
 from lmsi_jax import distributed
@@ -65,11 +63,6 @@ EXEMPLAR_TRIES = 4     # greedy answers tried per wanted exemplar
 
 def _norm(question: str) -> str:
   return " ".join(question.split())
-
-
-def _write_json(path: str, obj) -> None:
-  if jax.process_index() == 0:
-    fileio.write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 # ----------------------------------------------------------------- questions
@@ -126,7 +119,7 @@ def generate_questions(p, lm, r: int) -> tuple[list[dict], dict]:
   d = p.path(f"round_{r}", "selfgen")
   q_path, sum_path = os.path.join(d, "questions.jsonl"), os.path.join(d, "summary.json")
   if distributed.agreed_exists(sum_path):
-    return jsonl.read_jsonl(q_path), json.loads(fileio.read_text(sum_path))
+    return jsonl.read_jsonl(q_path), fileio.read_json(sum_path)
   t0 = time.time()
   cand_path = os.path.join(d, "candidates.jsonl")
   if distributed.agreed_exists(cand_path):
@@ -145,7 +138,7 @@ def generate_questions(p, lm, r: int) -> tuple[list[dict], dict]:
       cand.update(id=f"gen{r}-{i}", answer=diagnostic_gold(p.problem.name, cand["question"]))
       if cand["status"] == "new" and not _fits(p, lm, cand["question"]):
         cand["status"] = "too_long"
-    if jax.process_index() == 0:
+    if distributed.is_main_process():
       jsonl.write_jsonl_atomic(cand_path, cands)
   new = [{"id": x["id"], "question": x["question"], "answer": x["answer"], "cot": None}
          for x in cands if x["status"] == "new"]
@@ -169,9 +162,9 @@ def generate_questions(p, lm, r: int) -> tuple[list[dict], dict]:
              "wall_s": time.time() - t0}
   logging.info("round %d: self-generated %d questions, %d new, %d kept (vote share >= %.2f)",
                r, len(cands), len(new), len(kept), g.min_vote_share)
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
     jsonl.write_jsonl_atomic(q_path, kept)
-  _write_json(sum_path, summary)
+  distributed.write_json(sum_path, summary)
   return kept, summary
 
 
@@ -201,7 +194,7 @@ def generate_exemplars(p, lm) -> formats_lib.Exemplars:
   """The model's greedy zero-shot CoT answers as few-shot exemplars (cached on disk)."""
   path = p.path("selfgen", "exemplars.json")
   if distributed.agreed_exists(path):
-    d = json.loads(fileio.read_text(path))
+    d = fileio.read_json(path)
     return formats_lib.Exemplars(d["cot"], d["standard"])
   t0, c, n = time.time(), p.cfg, p.cfg.selfgen.num_exemplars
   order = np.random.default_rng([c.seed, 47]).permutation(len(p.problem.pool))
@@ -219,7 +212,7 @@ def generate_exemplars(p, lm) -> formats_lib.Exemplars:
     logging.warning("selfgen: only %d of %d greedy answers parse; using %d exemplars",
                     len(pairs), len(qs), len(pairs))
   ex = formats_lib.exemplars_from_pairs(pairs)
-  _write_json(path, {"pairs": [list(x) for x in pairs], "cot": ex.cot, "standard": ex.standard,
+  distributed.write_json(path, {"pairs": [list(x) for x in pairs], "cot": ex.cot, "standard": ex.standard,
                      "tried": len(qs), "wall_s": time.time() - t0})
   distributed.barrier("selfgen exemplars")
   return ex

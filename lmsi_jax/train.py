@@ -35,8 +35,7 @@ from tqdm import tqdm
 from lmsi_jax import checkpoint as ckpt_lib
 from lmsi_jax import model as model_lib
 from lmsi_jax import sharding
-# The optimisation settings live in optim.py; train.TrainConfig etc. stay importable here.
-from lmsi_jax.optim import TrainConfig, decay_mask, learning_rate_schedule, make_optimizer  # noqa: F401
+from lmsi_jax.optim import TrainConfig, learning_rate_schedule, make_optimizer
 
 Batch = Mapping[str, Any]
 

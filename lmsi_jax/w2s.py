@@ -26,7 +26,6 @@ weak) on greedy accuracy (`pgr_sc`: on self-consistency accuracy).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from lmsi_jax import problems
 from lmsi_jax import pseudo_labels as pl
 from lmsi_jax import report as report_lib
 from lmsi_jax import rounds
+from lmsi_jax.data import tasks
 
 EVAL_KEYS = ("greedy_acc", "sc_acc", "greedy_parse_rate", "mean_vote_share", "wall_s")
 
@@ -118,7 +118,6 @@ class W2S:
     parts = [(task, 1.0 - cfg.w2s.replay_weight)]
     if cfg.w2s.replay_weight > 0:
       parts.append((self.pretrain_task, cfg.w2s.replay_weight))
-    from lmsi_jax.data import tasks  # pylint: disable=g-import-not-at-top
     mix = tasks.register_mixture(f"lmsi_{s.problem.name}_w2s_{arm}_mix", parts)
     out = s.train(lm, mix, s.path(arm, "train"), data_seed=cfg.seed + 1000,
                   loss_fn=self.losses.get(loss_name))
@@ -183,12 +182,7 @@ class W2S:
              s.path("pretrain", "eval.json")]
     for arm in ["ceiling"] + [f"w2s_{n}" for n in self.cfg.w2s.losses]:
       files += [s.path(arm, "train", "done.json"), s.path(arm, "eval.json")]
-    total = 0.0
-    for f in files:
-      if fileio.exists(f):
-        d = rounds.read_json(f)
-        total += d.get("wall_s", 0.0) + d.get("sample_wall_s", 0.0) + d.get("vote_wall_s", 0.0)
-    return total
+    return rounds.sum_recorded_wall_s(files)
 
 
 def _model_name(cfg) -> str:
@@ -239,10 +233,7 @@ def plot(rep: dict, path: str) -> None:
          title=f"{w['direction'].replace('_', '-')}: PGR {w['pgr'] if w['pgr'] is None else round(w['pgr'], 2)}")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=120)
-  plt.close(fig)
-  fileio.write_atomic(path, [buf.getvalue()])
+  report_lib.save_png(fig, path)
 
 
 def write_report(rep: dict, workdir: str) -> None:

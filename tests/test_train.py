@@ -13,6 +13,7 @@ import pytest
 
 from lmsi_jax import checkpoint as ckpt_lib
 from lmsi_jax import model as model_lib
+from lmsi_jax import optim
 from lmsi_jax import train as train_lib
 
 import train_worker as tw  # tests/ is on sys.path (rootdir-relative test imports)
@@ -43,17 +44,17 @@ def test_config_lmsi_setting_and_validation():
 
 
 def test_schedule_and_decay_mask(mesh8):
-  s = train_lib.learning_rate_schedule(train_lib.TrainConfig(
+  s = optim.learning_rate_schedule(optim.TrainConfig(
       learning_rate=1.0, warmup_steps=4, num_steps=104, end_lr_ratio=0.1))
   np.testing.assert_allclose([float(s(i)) for i in (0, 3, 4, 54, 104, 200)],
                              [0.25, 1.0, 1.0, 0.55, 0.1, 0.1], atol=1e-6)
-  c = train_lib.learning_rate_schedule(train_lib.TrainConfig(
+  c = optim.learning_rate_schedule(optim.TrainConfig(
       learning_rate=2.0, warmup_steps=0, schedule="constant"))
   assert float(c(0)) == float(c(999)) == 2.0
   params = model_lib.abstract_model(model_lib.ModelConfig(
       **{**tw.CFG, "tie_embeddings": False, "qkv_bias": True}), mesh8)[1]
   for decay_emb in (False, True):
-    flat = train_lib.decay_mask(train_lib.TrainConfig(decay_embeddings=decay_emb))(params)
+    flat = optim.decay_mask(optim.TrainConfig(decay_embeddings=decay_emb))(params)
     got = dict(zip(ckpt_lib.flat_shapes(params), jax.tree.leaves(flat)))
     assert got["layers/0/mlp/gate_proj"] and got["layers/1/attn/o_proj"]
     assert not got["final_norm/scale"] and not got["layers/0/attn_norm/scale"]
