@@ -43,8 +43,6 @@ from lmsi_jax import fileio
 from lmsi_jax import formats as formats_lib
 from lmsi_jax import report as report_lib
 from lmsi_jax import rounds as rounds_lib
-from lmsi_jax import sampler
-from lmsi_jax import voting
 
 FORMAT_SETTINGS = (("no_cot", ("few_shot_direct", "zero_shot_direct")),
                    ("few_shot_cot_only", ("few_shot_cot",)),
@@ -77,12 +75,7 @@ def direct_eval(p: rounds_lib.Pipeline, lm, out_path: str) -> dict:
   qs = p.problem.eval
   s = p.eval_settings(0.0)
   prompts = [formats_lib.build_input(fmt, q["question"], p.problem.exemplars) for q in qs]
-  out = sampler.generate(lm, p.vocab, prompts, num_samples=1, temperature=0.0, top_k=0,
-                         max_decode_steps=s.max_decode_steps,
-                         stop_strings=(s.stop,) if s.stop else (), seed=p.cfg.seed,
-                         batch_size=s.batch_size)
-  votes = [voting.majority_vote(eval_lib.answers_of([row[0].text], s)) for row in out]
-  ok = eval_lib.score_votes(votes, [q["answer"] for q in qs], s.answer_type)
+  _, _, ok = eval_lib.greedy(lm, p.vocab, qs, prompts, s, seed=p.cfg.seed)
   res = {"prompt_format": fmt, "greedy_acc": float(np.mean(ok)), "wall_s": time.time() - t0}
   distributed.write_json(out_path, res)
   return res

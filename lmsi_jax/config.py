@@ -180,8 +180,11 @@ def _validate_w2s(c, check) -> None:
         f"a non-empty tuple of distinct names from {losses_lib.LOSSES}")
   check(w.pretrain_steps >= 0, "w2s.pretrain_steps", "must be >= 0 (0 = no student pretraining)")
   check(0 <= w.replay_weight < 1, "w2s.replay_weight", "must be in [0, 1)")
-  for k in ("conf_alpha_max", "conf_warmup_frac", "conf_threshold"):
-    check(0 <= w[k] <= 1, f"w2s.{k}", "must be in [0, 1]")
+  try:      # the loss checks its own settings; the error gains the "config." prefix here
+    losses_lib.ConfidenceLoss(alpha_max=w.conf_alpha_max, warmup_frac=w.conf_warmup_frac,
+                              threshold=w.conf_threshold)
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
   if c.mode == "w2s" and c.task.name != "synthetic":   # only the built-in task has easy seed data
     check(w.pretrain_steps == 0, "w2s.pretrain_steps", "student pretraining needs task.name='synthetic'")
     check(w.replay_weight == 0, "w2s.replay_weight", "replay needs task.name='synthetic'")

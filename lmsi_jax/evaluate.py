@@ -55,16 +55,28 @@ def score_votes(votes: Sequence[voting.Vote], gold: Sequence[str], answer_type: 
   return np.array([v.answer is not None and v.answer == gi for v, gi in zip(votes, g)])
 
 
+def _generate_kwargs(s: EvalSettings, progress) -> dict:
+  return dict(top_k=s.top_k, top_p=s.top_p, max_decode_steps=s.max_decode_steps,
+              stop_strings=(s.stop,) if s.stop else (), batch_size=s.batch_size,
+              progress=progress)
+
+
+def greedy(lm, vocab, questions: Sequence[dict], prompts: Sequence[str], s: EvalSettings, *,
+           seed: int, progress=None):
+  """Greedy decodes of `prompts`: (samples [question][1], votes, correct bool array)."""
+  out = sampler.generate(lm, vocab, prompts, num_samples=1, temperature=0.0, seed=seed,
+                         **_generate_kwargs(s, progress))
+  votes = [voting.majority_vote(answers_of([x[0].text], s)) for x in out]
+  return out, votes, score_votes(votes, [q["answer"] for q in questions], s.answer_type)
+
+
 def evaluate(lm, vocab, questions: Sequence[dict], prompts: Sequence[str], s: EvalSettings, *,
              seed: int, progress=None) -> dict:
   """Greedy and self-consistency accuracy of `lm` on `questions` (gold in "answer")."""
   gold = [q["answer"] for q in questions]
-  common = dict(top_k=s.top_k, top_p=s.top_p, max_decode_steps=s.max_decode_steps,
-                stop_strings=(s.stop,) if s.stop else (), batch_size=s.batch_size,
-                progress=progress)
-  greedy = sampler.generate(lm, vocab, prompts, num_samples=1, temperature=0.0, seed=seed, **common)
-  g_votes = [voting.majority_vote(answers_of([x[0].text], s)) for x in greedy]
-  g_ok = score_votes(g_votes, gold, s.answer_type)
+  common = _generate_kwargs(s, progress)
+  greedy_out, g_votes, g_ok = greedy(lm, vocab, questions, prompts, s, seed=seed,
+                                     progress=progress)
   sc = sampler.generate(lm, vocab, prompts, num_samples=s.num_samples, temperature=s.temperature,
                         seed=seed + 1, **common)
   votes = [voting.majority_vote(answers_of([x.text for x in row], s)) for row in sc]
@@ -80,6 +92,6 @@ def evaluate(lm, vocab, questions: Sequence[dict], prompts: Sequence[str], s: Ev
       "greedy_parse_rate": float(np.mean([v.answer is not None for v in g_votes])),
       "calibration": calibration(shares, ok, s.calibration_bins),
       "examples": [{"id": q["id"], "question": q["question"], "gold": q["answer"],
-                    "greedy": greedy[i][0].text, "sc_answer": votes[i].answer,
+                    "greedy": greedy_out[i][0].text, "sc_answer": votes[i].answer,
                     "sc_share": votes[i].share} for i, q in enumerate(questions[:5])],
   }

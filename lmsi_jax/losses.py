@@ -40,10 +40,10 @@ class ConfidenceLoss:
   threshold: float = 0.0
 
   def __post_init__(self):
-    for key, lo, hi in (("alpha_max", 0.0, 1.0), ("warmup_frac", 0.0, 1.0), ("threshold", 0.0, 1.0)):
+    for key in ("alpha_max", "warmup_frac", "threshold"):
       v = getattr(self, key)
-      if not lo <= v <= hi:
-        raise ValueError(f"w2s.conf_{key}={v!r}: must be in [{lo}, {hi}]")
+      if not 0 <= v <= 1:
+        raise ValueError(f"w2s.conf_{key}={v!r}: must be in [0, 1]")
 
   def alpha(self, step, num_steps: int):
     """The weight of the hardened-prediction term at optimizer step `step` (0-based)."""

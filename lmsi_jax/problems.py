@@ -78,6 +78,11 @@ def prompt_for(problem: Problem, question: str, prompt_format: str) -> str:
   return formats_lib.build_input(prompt_format, question, problem.exemplars)
 
 
+def prompt_tokens(problem: Problem, vocab, prompt_format: str, question: str) -> int:
+  """Length of `question`'s prompt as the sampler feeds it (`vocab.encode_prompt`)."""
+  return len(vocab_lib.encode_prompt(vocab, prompt_for(problem, question, prompt_format)))
+
+
 def fit_context(problem: Problem, vocab, prompt_format: str, context: int,
                 decode_steps: dict[str, int], on_error: str) -> Problem:
   """Checks that each pool/eval prompt plus its decode budget fits the model's context.
@@ -92,7 +97,7 @@ def fit_context(problem: Problem, vocab, prompt_format: str, context: int,
   for split, steps in decode_steps.items():
     kept, first = [], None
     for i, q in enumerate(getattr(problem, split)):
-      n = len(vocab_lib.encode_prompt(vocab, prompt_for(problem, q["question"], prompt_format)))
+      n = prompt_tokens(problem, vocab, prompt_format, q["question"])
       if n + steps <= context:
         kept.append(q)
         continue

@@ -172,6 +172,15 @@ class Pipeline:
     distributed.write_json(out_path, res)
     return res
 
+  def sample(self, lm, questions, out_dir: str, seed: int, progress=None) -> list[dict]:
+    """`config.sampling.num_samples` paths per question, sharded and resumable under out_dir."""
+    s = self.cfg.sampling
+    return pl.sample_pool(
+        lm, self.vocab, questions, self.prompts(questions), out_dir,
+        num_samples=s.num_samples, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+        max_decode_steps=s.max_decode_steps, stop=self.cfg.task.stop, seed=seed,
+        batch_size=s.batch_size, questions_per_shard=s.questions_per_shard, progress=progress)
+
   def sample_and_vote(self, lm, r: int, source_step: int, questions=None) -> dict:
     """Stages sample → vote → pseudo-labels for round r (default questions: the pool)."""
     rdir = self.path(f"round_{r}")
@@ -183,12 +192,8 @@ class Pipeline:
     s = c.sampling
     with tqdm(total=len(qs) * s.num_samples, desc=f"sample round {r}", disable=not distributed.is_main_process(),
               mininterval=2) as bar:
-      samples = pl.sample_pool(
-          lm, self.vocab, qs, self.prompts(qs), self.path(f"round_{r}", "samples"),
-          num_samples=s.num_samples, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-          max_decode_steps=s.max_decode_steps, stop=c.task.stop, seed=c.seed * 1009 + r,
-          batch_size=s.batch_size, questions_per_shard=s.questions_per_shard,
-          progress=bar.update)
+      samples = self.sample(lm, qs, self.path(f"round_{r}", "samples"), c.seed * 1009 + r,
+                            progress=bar.update)
     t_sample = _log_stage(f"round_{r}/samples", t0)
     t1 = time.time()
     labels, votes = pl.vote_pool(samples, qs, self.vote_settings, exemplars=self.problem.exemplars,
@@ -247,8 +252,9 @@ class Pipeline:
       if summary["num_records"]:
         round_tasks.append(self.register(tasks.round_task_name(self.problem.name, r),
                                          self.path(f"round_{r}", "pseudo_labels.jsonl")))
-      init = current if self.cfg.rounds.init == "continue" else base_lm
-      step = (step if self.cfg.rounds.init == "continue" else base_steps) + self.cfg.train.num_steps
+      cont = self.cfg.rounds.init == "continue"
+      init = current if cont else base_lm
+      step = (step if cont else base_steps) + self.cfg.train.num_steps
       current = self.train(init, self.mixture("lmsi", r, round_tasks),
                            self.path(f"round_{r}", "train"), data_seed=self.cfg.seed + 1000 * r)
       ev = self.evaluate(current, self.path(f"round_{r}", "eval.json"), self.cfg.eval.temperature, r)

@@ -51,12 +51,12 @@ import numpy as np
 from lmsi_jax import distributed
 from lmsi_jax import fileio
 from lmsi_jax import formats as formats_lib
+from lmsi_jax import problems
 from lmsi_jax import pseudo_labels as pl
 from lmsi_jax import sampler
 from lmsi_jax import voting
 from lmsi_jax.data import jsonl
 from lmsi_jax.data import synthetic
-from lmsi_jax.data import vocab as vocab_lib
 
 EXEMPLAR_TRIES = 4     # greedy answers tried per wanted exemplar
 
@@ -99,7 +99,7 @@ def confident_questions(sample_records: Sequence[dict], s: pl.VoteSettings,
 
 def _fits(p, lm, question: str) -> bool:
   """Whether the question's sampling prompt plus the decode budget fits the model context."""
-  n = len(vocab_lib.encode_prompt(p.vocab, p.prompts([{"question": question}])[0]))
+  n = problems.prompt_tokens(p.problem, p.vocab, p.cfg.prompt_format, question)
   return n + p.cfg.sampling.max_decode_steps <= lm.cfg.max_seq_len
 
 
@@ -142,12 +142,7 @@ def generate_questions(p, lm, r: int) -> tuple[list[dict], dict]:
       jsonl.write_jsonl_atomic(cand_path, cands)
   new = [{"id": x["id"], "question": x["question"], "answer": x["answer"], "cot": None}
          for x in cands if x["status"] == "new"]
-  s = c.sampling
-  samples = pl.sample_pool(
-      lm, p.vocab, new, p.prompts(new), os.path.join(d, "samples"), num_samples=s.num_samples,
-      temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-      max_decode_steps=s.max_decode_steps, stop=c.task.stop, seed=c.seed * 1009 + r + 7919,
-      batch_size=s.batch_size, questions_per_shard=s.questions_per_shard)
+  samples = p.sample(lm, new, os.path.join(d, "samples"), c.seed * 1009 + r + 7919)
   votes = confident_questions(samples, p.vote_settings, g.min_vote_share)
   kept = [q for q, v in zip(new, votes) if v["keep"]]
   scored = [v["answer"] == q["answer"] for q, v in zip(new, votes)
