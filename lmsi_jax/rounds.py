@@ -154,8 +154,8 @@ class Pipeline:
                       os.path.relpath(out_dir, self.workdir), cut, tcfg.seq_len)
     done = os.path.join(out_dir, "done.json")
     if not distributed.agreed_exists(done):
-      distributed.write_json(done, {"wall_s": _log_stage(out_dir, t0), "num_steps": tcfg.num_steps,
-                               "num_truncated": cut})
+      distributed.write_json(done, {"wall_s": _log_stage(out_dir, t0),
+                                    "num_steps": tcfg.num_steps, "num_truncated": cut})
     return lm
 
   def evaluate(self, lm, out_path: str, temperature: float, seed_offset: int) -> dict:
@@ -164,7 +164,8 @@ class Pipeline:
     t0 = time.time()
     qs = self.problem.eval
     s = self.eval_settings(temperature)
-    with tqdm(total=len(qs) * (1 + s.num_samples), desc=f"eval {os.path.basename(os.path.dirname(out_path))}",
+    name = os.path.basename(os.path.dirname(out_path))
+    with tqdm(total=len(qs) * (1 + s.num_samples), desc=f"eval {name}",
               disable=not distributed.is_main_process(), mininterval=2) as bar:
       res = eval_lib.evaluate(lm, self.vocab, qs, self.prompts(qs), s,
                               seed=self.cfg.seed * 7919 + seed_offset, progress=bar.update)
@@ -190,8 +191,8 @@ class Pipeline:
     t0 = time.time()
     c, qs = self.cfg, self.problem.pool if questions is None else questions
     s = c.sampling
-    with tqdm(total=len(qs) * s.num_samples, desc=f"sample round {r}", disable=not distributed.is_main_process(),
-              mininterval=2) as bar:
+    with tqdm(total=len(qs) * s.num_samples, desc=f"sample round {r}",
+              disable=not distributed.is_main_process(), mininterval=2) as bar:
       samples = self.sample(lm, qs, self.path(f"round_{r}", "samples"), c.seed * 1009 + r,
                             progress=bar.update)
     t_sample = _log_stage(f"round_{r}/samples", t0)
