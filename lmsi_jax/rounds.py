@@ -140,7 +140,7 @@ class Pipeline:
     batches = features.GlobalBatches(
         mixture, tcfg.seq_len, tcfg.batch_size, seed=data_seed,
         num_shards=self.cfg.train.data_shards, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        process_count=jax.process_count(), num_batches=tcfg.num_steps)
     # train() donates its input state; the base model is reused by later stages.
     lm = dataclasses.replace(lm, state=jax.tree.map(lambda x: x.copy(), lm.state))
     lm = train_lib.train(lm, batches, tcfg, out_dir, config_json=self.cfg.to_json(),

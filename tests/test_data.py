@@ -275,6 +275,28 @@ def test_batch_iterator_determinism_and_restore(iter_task):
     mk(seed=5).restore(state)
 
 
+def test_batch_iterator_builds_next_epoch_ahead_only_when_needed(iter_task):
+  """Epochs built on the background thread equal those built in line; with a
+  `num_batches` hint no epoch beyond the last one needed is built."""
+  ref = features.BatchIterator(iter_task.name, 64, 4, seed=2)   # one epoch is a few batches
+  want = _take(ref, 12)
+  assert ref.state()["epoch"] >= 2
+  ahead = features.BatchIterator(iter_task.name, 64, 4, seed=2)
+  got = [next(ahead)]
+  assert ahead._ahead is not None and ahead._ahead[0] == 1   # no hint: always one ahead
+  got += _take(ahead, 11)
+  assert _same(got, want)
+  last = ref.state()["epoch"]                 # the last epoch the 12 batches read
+  hinted = features.BatchIterator(iter_task.name, 64, 4, seed=2, num_batches=12)
+  built, ahead_epochs = [], set()
+  for _ in range(12):
+    built.append(next(hinted))
+    if hinted._ahead is not None:
+      ahead_epochs.add(hinted._ahead[0])
+  assert _same(built, want)
+  assert ahead_epochs and max(ahead_epochs) == last, (ahead_epochs, last)
+
+
 def test_batch_iterator_sharding(iter_task):
   v = vocab_lib.byte_vocabulary()
   seen = []
