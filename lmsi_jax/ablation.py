@@ -37,6 +37,7 @@ import time
 
 import numpy as np
 
+from lmsi_jax import diagnostics
 from lmsi_jax import distributed
 from lmsi_jax import evaluate as eval_lib
 from lmsi_jax import fileio
@@ -167,7 +168,7 @@ class StrategyComparison(_Study):
 
 def markdown(rep: dict) -> list[str]:
   """report.md tables of a study (format ablation and/or strategies)."""
-  pct = lambda x: "—" if x is None else f"{100 * x:.1f}%"
+  pct = diagnostics.pct
   lines = []
   for key, title, what in (("format_ablation", "Format ablation (LMSI Table 5)", "formats"),
                            ("strategies", "Round strategies", "init")):

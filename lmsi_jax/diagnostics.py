@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 
 
-def _pct(x) -> str:
+def pct(x) -> str:
+  """A fraction as a markdown table cell (`0.123` -> `12.3%`, None -> `—`)."""
   return "—" if x is None else f"{100 * x:.1f}%"
 
 
@@ -31,8 +32,8 @@ def markdown(rep: dict) -> list[str]:
               "| round | pass@k | maj@k | pseudo-label precision | mean vote share | "
               "distinct answers | distinct paths | kept paths |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-      lines.append(f"| {r['round']} | {_pct(r.get('pass_at_k'))} | {_pct(r.get('maj_at_k'))} | "
-                   f"{_pct(r.get('pseudo_label_precision'))} | {_pct(r.get('mean_vote_share'))} | "
+      lines.append(f"| {r['round']} | {pct(r.get('pass_at_k'))} | {pct(r.get('maj_at_k'))} | "
+                   f"{pct(r.get('pseudo_label_precision'))} | {pct(r.get('mean_vote_share'))} | "
                    f"{_num(r.get('mean_distinct_answers'))} | {_num(r.get('mean_distinct_paths'))} | "
                    f"{r.get('num_pseudo_labels', '—')} |")
   gen = [r for r in rows if r.get("selfgen")]
@@ -45,13 +46,13 @@ def markdown(rep: dict) -> list[str]:
       lines.append(f"| {r['round']} | {g.get('num_candidates')} | {g.get('num_empty')} | "
                    f"{g.get('num_duplicates')} | {g.get('num_too_long', 0)} | {g.get('num_new')} | "
                    f"{g.get('num_kept')} | "
-                   f"{_pct(g.get('kept_precision'))} |")
+                   f"{pct(g.get('kept_precision'))} |")
   es = rep.get("early_stop")
   if es:
     where = (f"stopped after round {es['stopped_after_round']}"
              if es["stopped_after_round"] is not None else "did not stop early")
     lines += ["", f"Early stopping (patience {es['patience']}): {where}: {es['reason']}; best "
-                  f"greedy accuracy {_pct(es['best_greedy_acc'])} at round {es['best_round']}."]
+                  f"greedy accuracy {pct(es['best_greedy_acc'])} at round {es['best_round']}."]
   return lines
 
 

@@ -18,6 +18,7 @@ import os
 
 from lmsi_jax import diagnostics
 from lmsi_jax import fileio
+from lmsi_jax.diagnostics import pct
 
 _EVAL_KEYS = ("greedy_acc", "sc_acc", "num_questions", "sc_num_samples", "sc_temperature",
               "mean_vote_share", "greedy_parse_rate", "calibration", "wall_s")
@@ -54,10 +55,6 @@ def build_report(cfg, base: dict, rounds: list[dict], oracle: dict | None, contr
   }
 
 
-def _pct(x) -> str:
-  return "—" if x is None else f"{100 * x:.1f}%"
-
-
 def to_markdown(rep: dict) -> str:
   if rep.get("mode") == "w2s":      # teacher -> student runs have their own table
     from lmsi_jax import w2s  # pylint: disable=g-import-not-at-top
@@ -66,14 +63,14 @@ def to_markdown(rep: dict) -> str:
            "| model | greedy CoT | self-consistency | pseudo-label precision | mean vote share | wall (s) |",
            "|---|---|---|---|---|---|"]
   b = rep["base"]
-  lines.append(f"| base | {_pct(b['greedy_acc'])} | {_pct(b['sc_acc'])} | | | {b.get('wall_s', 0):.0f} |")
+  lines.append(f"| base | {pct(b['greedy_acc'])} | {pct(b['sc_acc'])} | | | {b.get('wall_s', 0):.0f} |")
   for r in rep["rounds"]:
-    lines.append(f"| LMSI round {r['round']} | {_pct(r['greedy_acc'])} | {_pct(r['sc_acc'])} | "
-                 f"{_pct(r['pseudo_label_precision'])} | {_pct(r['mean_vote_share'])} | "
+    lines.append(f"| LMSI round {r['round']} | {pct(r['greedy_acc'])} | {pct(r['sc_acc'])} | "
+                 f"{pct(r['pseudo_label_precision'])} | {pct(r['mean_vote_share'])} | "
                  f"{r['wall_s']:.0f} |")
   for arm in ("oracle", "control"):
     if rep.get(arm):
-      lines.append(f"| {arm} | {_pct(rep[arm]['greedy_acc'])} | {_pct(rep[arm]['sc_acc'])} | | | "
+      lines.append(f"| {arm} | {pct(rep[arm]['greedy_acc'])} | {pct(rep[arm]['sc_acc'])} | | | "
                    f"{rep[arm].get('wall_s', 0):.0f} |")
   fmt = lambda x: "—" if x is None else f"{x:.2f}"
   lines += ["", f"PGR (greedy): {fmt(rep['pgr'])}; PGR (SC): {fmt(rep.get('pgr_sc'))}; "
@@ -81,7 +78,7 @@ def to_markdown(rep: dict) -> str:
             "Calibration of the last model (SC vote share → accuracy of the majority answer):", "",
             "| vote share | questions | accuracy |", "|---|---|---|"]
   for c in rep["calibration"]:
-    lines.append(f"| {c['lo']:.1f}–{c['hi']:.1f} | {c['count']} | {_pct(c['accuracy'])} |")
+    lines.append(f"| {c['lo']:.1f}–{c['hi']:.1f} | {c['count']} | {pct(c['accuracy'])} |")
   lines += diagnostics.markdown(rep)
   if rep.get("format_ablation") or rep.get("strategies"):
     from lmsi_jax import ablation  # pylint: disable=g-import-not-at-top

@@ -154,7 +154,7 @@ class Pipeline:
                       os.path.relpath(out_dir, self.workdir), cut, tcfg.seq_len)
     done = os.path.join(out_dir, "done.json")
     if not distributed.agreed_exists(done):
-      distributed.write_json(done, {"wall_s": _log_stage(out_dir, t0),
+      distributed.write_json(done, {"wall_s": _log_stage(os.path.relpath(out_dir, self.workdir), t0),
                                     "num_steps": tcfg.num_steps, "num_truncated": cut})
     return lm
 
@@ -169,7 +169,7 @@ class Pipeline:
               disable=not distributed.is_main_process(), mininterval=2) as bar:
       res = eval_lib.evaluate(lm, self.vocab, qs, self.prompts(qs), s,
                               seed=self.cfg.seed * 7919 + seed_offset, progress=bar.update)
-    res["wall_s"] = _log_stage(out_path, t0)
+    res["wall_s"] = _log_stage(os.path.relpath(out_path, self.workdir), t0)
     distributed.write_json(out_path, res)
     return res
 

@@ -31,6 +31,7 @@ import logging
 import os
 import time
 
+from lmsi_jax import diagnostics
 from lmsi_jax import distributed
 from lmsi_jax import fileio
 from lmsi_jax import losses as losses_lib
@@ -191,7 +192,7 @@ def _model_name(cfg) -> str:
 
 def to_markdown(rep: dict) -> str:
   w = rep["w2s"]
-  pct = lambda x: "—" if x is None else f"{100 * x:.1f}%"
+  pct = diagnostics.pct
   num = lambda x: "—" if x is None else f"{x:.2f}"
   t, s = w["teacher"], w["student"]
   lines = [f"# Teacher → student report ({w['direction'].replace('_', '-')})", "",

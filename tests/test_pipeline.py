@@ -9,6 +9,7 @@ import time
 import pytest
 
 from lmsi_jax import config as config_lib
+from lmsi_jax import problems
 from lmsi_jax import voting
 from lmsi_jax.data import jsonl
 
@@ -74,6 +75,27 @@ def test_smoke_report_contract(smoke):
   for arm in ("base", "oracle", "control"):
     assert 0.0 <= rep[arm]["greedy_acc"] <= 1.0 and 0.0 <= rep[arm]["sc_acc"] <= 1.0
   assert rep["wall_s"] > 0
+  gap = rep["oracle"]["greedy_acc"] - rep["base"]["greedy_acc"]
+  last_gain = rep["rounds"][-1]["greedy_acc"] - rep["base"]["greedy_acc"]
+  assert rep["pgr"] == (pytest.approx(last_gain / gap) if gap > 1e-9 else None)
+
+
+@pytest.mark.slow
+def test_smoke_round_metrics_agree_with_the_files_and_hidden_gold(smoke):
+  """Each round's vote share and pseudo-label precision recomputed from votes.jsonl, with
+  correctness checked against the pool's gold answers (which training never sees)."""
+  workdir, rep = smoke
+  cfg = config_lib.load_config_file(os.path.join(REPO, "configs", "demo.py"), "smoke")
+  gold = {q["id"]: q["answer"] for q in problems.load_problem(cfg).pool}
+  for r, row in enumerate(rep["rounds"], 1):
+    votes = jsonl.read_jsonl(os.path.join(workdir, f"round_{r}", "votes.jsonl"))
+    assert sorted(v["id"] for v in votes) == sorted(gold)
+    assert row["mean_vote_share"] == pytest.approx(sum(v["share"] for v in votes) / len(votes))
+    voted = [v for v in votes if v["answer"] is not None]
+    for v in voted:
+      assert v["correct"] == (v["answer"] == gold[v["id"]])
+    assert row["pseudo_label_precision"] == pytest.approx(
+        sum(v["answer"] == gold[v["id"]] for v in voted) / len(voted))
   assert sum(c["count"] for c in rep["calibration"]) == 32
   for name in ("report.md", "accuracy.png", "calibration.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
