@@ -297,7 +297,10 @@ class Pipeline:
       init = current if self.cfg.rounds.init == "continue" else base_lm
       current = self.train(init, self.mixture(arm, r, round_tasks),
                            self.path(arm, f"round_{r}", "train"), data_seed=self.cfg.seed + 1000 * r)
-    return self.evaluate(current, self.path(arm, "eval.json"), self.cfg.eval.temperature, 100)
+    res = self.evaluate(current, self.path(arm, "eval.json"), self.cfg.eval.temperature, 100)
+    train_s = sum(fileio.read_json(self.path(arm, f"round_{r}", "train", "done.json"))["wall_s"]
+                  for r in range(1, num_rounds + 1))
+    return {**res, "wall_s": res["wall_s"] + train_s}   # the arm's fine-tunes and its eval
 
   def run(self) -> dict:
     t0 = time.time()

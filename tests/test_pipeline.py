@@ -92,6 +92,7 @@ def test_smoke_round_metrics_agree_with_the_files_and_hidden_gold(smoke):
     assert sorted(v["id"] for v in votes) == sorted(gold)
     assert row["mean_vote_share"] == pytest.approx(sum(v["share"] for v in votes) / len(votes))
     voted = [v for v in votes if v["answer"] is not None]
+    assert voted
     for v in voted:
       assert v["correct"] == (v["answer"] == gold[v["id"]])
     assert row["pseudo_label_precision"] == pytest.approx(
@@ -108,6 +109,7 @@ def test_pseudo_labels_match_the_vote(smoke):
   for r in (1, 2):
     votes = {v["id"]: v for v in jsonl.read_jsonl(os.path.join(workdir, f"round_{r}", "votes.jsonl"))}
     labels = jsonl.read_jsonl(os.path.join(workdir, f"round_{r}", "pseudo_labels.jsonl"))
+    assert labels, "the smoke base model must produce answers for the rounds to keep"
     samples = {}
     for name in sorted(os.listdir(os.path.join(workdir, f"round_{r}", "samples"))):
       for s in jsonl.read_jsonl(os.path.join(workdir, f"round_{r}", "samples", name)):
