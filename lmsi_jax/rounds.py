@@ -331,6 +331,9 @@ class Pipeline:
       self.problem = self.fit_context(dataclasses.replace(
           self.problem, exemplars=selfgen.generate_exemplars(self, base_lm)))
     base = self.evaluate(base_lm, self.path("base", "eval.json"), self.cfg.eval.base_temperature, 0)
+    if self.cfg.base_train.enabled:    # the base's wall_s, like a round's, covers its training
+      base = {**base, "wall_s": base["wall_s"] + fileio.read_json(
+          self.path("base", "train", "done.json"))["wall_s"]}
     return base_lm, base_steps, base
 
 
