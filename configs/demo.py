@@ -50,7 +50,7 @@ def get_config(arg: str | None = None):
     c.sampling.update(num_samples=4, batch_size=64, questions_per_shard=16)
     # 150 steps: a base whose paths end with an answer, so the rounds have pseudo-labels
     # to vote and keep (at 40 steps no path parsed and the rounds trained on seed data only).
-    c.base_train.update(num_steps=150, warmup_steps=5)
+    c.base_train.update(num_steps=150, warmup_steps=5, checkpoint_every=50)
     c.train.update(num_steps=12, batch_size=16, log_every=5, checkpoint_every=6)
     c.rounds.num_rounds = 2
     c.eval.update(num_samples=4)

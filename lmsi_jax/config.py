@@ -81,7 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Stage 0: train the base model from scratch on labeled seed data (built-in task).
   c.base_train = ml_collections.ConfigDict(dict(
       enabled=False, num_steps=0, learning_rate=1e-3, warmup_steps=100, schedule="cosine",
-      batch_size=32, weight_decay=0.0))
+      batch_size=32, weight_decay=0.0,
+      checkpoint_every=0))      # 0 = train.checkpoint_every
 
   c.rounds = ml_collections.ConfigDict(dict(
       num_rounds=1,             # LMSI is one round; more is our extension
@@ -135,6 +136,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"each must be one of {formats_lib.FORMATS}")
   check(c.prompt_format in formats_lib.FORMATS, "prompt_format",
         f"expected one of {formats_lib.FORMATS}")
+  check(c.base_train.checkpoint_every >= 0, "base_train.checkpoint_every",
+        "must be >= 0 (0 = train.checkpoint_every)")
   check(c.sampling.num_samples >= 1, "sampling.num_samples", "must be >= 1")
   check(c.sampling.temperature >= 0, "sampling.temperature", "must be >= 0")
   check(0 < c.sampling.top_p <= 1, "sampling.top_p", "must be in (0, 1]")

@@ -111,7 +111,8 @@ class Pipeline:
     if base:
       b = self.cfg.base_train
       d.update(num_steps=b.num_steps, learning_rate=b.learning_rate, warmup_steps=b.warmup_steps,
-               schedule=b.schedule, batch_size=b.batch_size, weight_decay=b.weight_decay)
+               schedule=b.schedule, batch_size=b.batch_size, weight_decay=b.weight_decay,
+               checkpoint_every=b.checkpoint_every or d["checkpoint_every"])
     d["seed"] = self.cfg.seed
     return train_lib.TrainConfig.from_dict(d)
 

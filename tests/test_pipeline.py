@@ -101,6 +101,9 @@ def test_smoke_round_metrics_agree_with_the_files_and_hidden_gold(smoke):
   for name in ("report.md", "accuracy.png", "calibration.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
   assert os.listdir(os.path.join(workdir, "round_1", "train", "tb"))
+  # stage 0 saves every base_train.checkpoint_every=50 steps (the rounds every 6), keeping 2
+  kept = os.listdir(os.path.join(workdir, "base", "train", "checkpoints"))
+  assert sorted(int(d) for d in kept if d.isdigit()) == [100, 150]
 
 
 @pytest.mark.slow
@@ -173,6 +176,8 @@ def test_load_config_file_applies_overrides_and_names_bad_keys(demo_config):
   c = demo_config("smoke", {"rounds.num_rounds": 1, "sampling.temperature": 0.5})
   assert (c.rounds.num_rounds, c.sampling.temperature) == (1, 0.5)
   assert demo_config("smoke").rounds.num_rounds == 2           # a fresh config every call
+  with pytest.raises(ValueError, match="config.base_train.checkpoint_every=-1"):
+    config_lib.validate(demo_config("smoke", {"base_train.checkpoint_every": -1}))
   with pytest.raises(KeyError, match="unknown config key 'rounds.num_round'"):
     demo_config("smoke", {"rounds.num_round": 1})
   with pytest.raises(KeyError, match="unknown config key 'round' in 'round.num_rounds'"):
