@@ -115,7 +115,8 @@ def plot(rep: dict, workdir: str) -> list[str]:
   ax.plot([0, 1], [0, 1], color="gray", ls=":")
   ax.set(xlabel="vote share of the majority answer", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
          title="Calibration (self-consistency)")
-  ax.legend(fontsize=8)
+  if ax.get_legend_handles_labels()[0]:    # no curve when no bin has questions
+    ax.legend(fontsize=8)
   fig.tight_layout()
   paths.append(save_png(fig, os.path.join(workdir, "calibration.png")))
   paths += [p for p in [diagnostics.plot(rep, workdir, save_png)] if p]
