@@ -155,8 +155,9 @@ class Pipeline:
                       os.path.relpath(out_dir, self.workdir), cut, tcfg.seq_len)
     done = os.path.join(out_dir, "done.json")
     if not distributed.agreed_exists(done):
-      distributed.write_json(done, {"wall_s": _log_stage(os.path.relpath(out_dir, self.workdir), t0),
-                                    "num_steps": tcfg.num_steps, "num_truncated": cut})
+      wall_s = _log_stage(os.path.relpath(out_dir, self.workdir), t0)
+      distributed.write_json(done, {"wall_s": wall_s, "num_steps": tcfg.num_steps,
+                                    "num_truncated": cut})
     return lm
 
   def evaluate(self, lm, out_path: str, temperature: float, seed_offset: int) -> dict:
