@@ -24,12 +24,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (local path or gs://...).")
 
 
-class _QuietOrbax:
+def _quiet_orbax(record) -> bool:
   """Orbax logs a dozen INFO lines per checkpoint save; the CLI keeps its warnings only."""
-
-  @staticmethod
-  def filter(record) -> bool:
-    return record.levelno >= 30 or f"{os.sep}orbax{os.sep}" not in record.pathname
+  return record.levelno >= 30 or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 def parse_flags(argv):
@@ -50,7 +47,7 @@ def main(argv):
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required")
   cfg = _CONFIG.value
-  logging.get_absl_logger().addFilter(_QuietOrbax())
+  logging.get_absl_logger().addFilter(_quiet_orbax)
   from lmsi_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from lmsi_jax import distributed  # pylint: disable=g-import-not-at-top
   try:

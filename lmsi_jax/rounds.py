@@ -160,6 +160,10 @@ class Pipeline:
                                     "num_truncated": cut})
     return lm
 
+  def train_done(self, *train_dir: str) -> dict:
+    """What the finished training stage in DIR/`train_dir` recorded (wall_s, num_truncated)."""
+    return fileio.read_json(self.path(*train_dir, "done.json"))
+
   def evaluate(self, lm, out_path: str, temperature: float, seed_offset: int) -> dict:
     if distributed.agreed_exists(out_path):
       return fileio.read_json(out_path)
@@ -261,8 +265,7 @@ class Pipeline:
       current = self.train(init, self.mixture("lmsi", r, round_tasks),
                            self.path(f"round_{r}", "train"), data_seed=self.cfg.seed + 1000 * r)
       ev = self.evaluate(current, self.path(f"round_{r}", "eval.json"), self.cfg.eval.temperature, r)
-      done = fileio.read_json(self.path(f"round_{r}", "train", "done.json"))
-      train_wall = done["wall_s"]
+      done = self.train_done(f"round_{r}", "train")
       rounds.append({"round": r, "greedy_acc": ev["greedy_acc"], "sc_acc": ev["sc_acc"],
                      "num_questions": summary["num_questions"],
                      "num_pseudo_labels": summary["num_pseudo_labels"],
@@ -276,7 +279,7 @@ class Pipeline:
                      "calibration": ev["calibration"],
                      "train_truncated": done.get("num_truncated", 0),
                      **({"selfgen": gen} if gen else {}),
-                     "wall_s": summary["sample_wall_s"] + summary["vote_wall_s"] + train_wall
+                     "wall_s": summary["sample_wall_s"] + summary["vote_wall_s"] + done["wall_s"]
                                + ev["wall_s"] + gen.get("wall_s", 0.0)})
       if stop.update(r, ev["greedy_acc"]):
         break
@@ -300,7 +303,7 @@ class Pipeline:
       current = self.train(init, self.mixture(arm, r, round_tasks),
                            self.path(arm, f"round_{r}", "train"), data_seed=self.cfg.seed + 1000 * r)
     res = self.evaluate(current, self.path(arm, "eval.json"), self.cfg.eval.temperature, 100)
-    train_s = sum(fileio.read_json(self.path(arm, f"round_{r}", "train", "done.json"))["wall_s"]
+    train_s = sum(self.train_done(arm, f"round_{r}", "train")["wall_s"]
                   for r in range(1, num_rounds + 1))
     return {**res, "wall_s": res["wall_s"] + train_s}   # the arm's fine-tunes and its eval
 
@@ -334,8 +337,7 @@ class Pipeline:
           self.problem, exemplars=selfgen.generate_exemplars(self, base_lm)))
     base = self.evaluate(base_lm, self.path("base", "eval.json"), self.cfg.eval.base_temperature, 0)
     if self.cfg.base_train.enabled:    # the base's wall_s, like a round's, covers its training
-      base = {**base, "wall_s": base["wall_s"] + fileio.read_json(
-          self.path("base", "train", "done.json"))["wall_s"]}
+      base = {**base, "wall_s": base["wall_s"] + self.train_done("base", "train")["wall_s"]}
     return base_lm, base_steps, base
 
 
