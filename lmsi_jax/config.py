@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from lmsi_jax import extractors
 from lmsi_jax import formats as formats_lib
 from lmsi_jax import modes
 from lmsi_jax import voting
@@ -45,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
       answer_type="number",     # one of voting.ANSWER_TYPES
       cue="The answer is",
       stop="\nQ:",              # generations are cut at the next question
+      extractor="lmsi",         # answer extractor, a lmsi_jax.extractors.EXTRACTORS name
   ))
   # Built-in synthetic sums (task.name == "synthetic").
   c.synthetic = ml_collections.ConfigDict(dict(
@@ -132,6 +134,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.task.name in ("synthetic", "gsm8k"), "task.name", "expected 'synthetic' or 'gsm8k'")
   check(c.task.answer_type in voting.ANSWER_TYPES, "task.answer_type",
         f"expected one of {voting.ANSWER_TYPES}")
+  check(c.task.extractor in extractors.EXTRACTORS, "task.extractor",
+        f"expected one of {tuple(extractors.EXTRACTORS)}")
+  check(c.task.extractor not in extractors.NUMBER_ONLY or c.task.answer_type == "number",
+        "task.extractor", f"reads number answers only; task.answer_type={c.task.answer_type!r}")
+  check(extractors.available(c.task.extractor), "task.extractor",
+        "needs the math-verify package (pip install math-verify)")
+  check(c.task.extractor == "lmsi" or not c.voting.fallback_last_number, "task.extractor",
+        "voting.fallback_last_number=True applies to task.extractor='lmsi' only")
   check(len(c.formats) > 0 and all(f in formats_lib.FORMATS for f in c.formats), "formats",
         f"each must be one of {formats_lib.FORMATS}")
   check(c.prompt_format in formats_lib.FORMATS, "prompt_format",

@@ -1,5 +1,10 @@
 """Evaluation: greedy CoT accuracy, self-consistency accuracy, calibration.
 
+Answers are read with the configured extractor (``task.extractor``,
+lmsi_jax/extractors.py); every evaluation also records, under "extraction",
+how many outputs it could not read and how often each other extractor reads
+a greedy output differently (``compare_extractors``).
+
 Gold answers are used here only to score; nothing in this module feeds
 training data.
 """
@@ -11,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lmsi_jax import extractors
 from lmsi_jax import sampler
 from lmsi_jax import voting
 
@@ -29,11 +35,53 @@ class EvalSettings:
   cue: str = "The answer is"
   stop: str = "\nQ:"
   fallback_last_number: bool = False
+  extractor: str = extractors.DEFAULT
 
 
-def answers_of(texts: Sequence[str], s: EvalSettings) -> list[str | None]:
-  return [voting.extract_answer(t, s.answer_type, s.cue, s.stop or None, s.fallback_last_number)
-          for t in texts]
+def answers_of(texts: Sequence[str], s: EvalSettings,
+               extractor: str | None = None) -> list[str | None]:
+  """Normalised answers of `texts` under `extractor` (default: the settings' own)."""
+  name = extractor or s.extractor
+  return [extractors.extract(t, name, s.answer_type, s.cue, s.stop or None,
+                             s.fallback_last_number) for t in texts]
+
+
+def compare_extractors(texts: Sequence[str], answers: Sequence[str | None],
+                       gold: Sequence[str], s: EvalSettings) -> dict:
+  """How each other usable extractor reads the same outputs (one per question, e.g. greedy).
+
+  `answers` are the chosen extractor's. Per other extractor: "acc" against
+  `gold`, "unextracted" (no answer) and "disagree" (a different answer, an
+  answer where the chosen one has none, or none where it has one). The
+  fallback_last_number setting applies to "lmsi" only.
+  """
+  g = [voting.normalize_answer(x, s.answer_type) for x in gold]
+  out = {}
+  for name in extractors.usable(s.answer_type):
+    if name == s.extractor:
+      continue
+    other = answers_of(texts, s, name)
+    out[name] = {
+        "acc": float(np.mean([a is not None and a == gi for a, gi in zip(other, g)]))
+               if g else 0.0,
+        "unextracted": sum(a is None for a in other),
+        "disagree": sum(a != b for a, b in zip(other, answers)),
+    }
+  return out
+
+
+def extraction_summary(greedy_texts: Sequence[str], greedy_answers: Sequence[str | None],
+                       sc_answers: Sequence[Sequence[str | None]], gold: Sequence[str],
+                       s: EvalSettings) -> dict:
+  """The "extraction" entry of an evaluation (see the module docstring)."""
+  return {
+      "extractor": s.extractor,
+      "greedy_unextracted": sum(a is None for a in greedy_answers),
+      "sc_unextracted": sum(a is None for row in sc_answers for a in row),
+      "sc_paths": sum(len(row) for row in sc_answers),
+      "greedy_others": compare_extractors(greedy_texts, greedy_answers, gold, s),
+      "unavailable": [n for n in extractors.EXTRACTORS if not extractors.available(n)],
+  }
 
 
 def calibration(shares: Sequence[float], correct: Sequence[bool], bins: int) -> list[dict]:
@@ -79,8 +127,10 @@ def evaluate(lm, vocab, questions: Sequence[dict], prompts: Sequence[str], s: Ev
                                      progress=progress)
   sc = sampler.generate(lm, vocab, prompts, num_samples=s.num_samples, temperature=s.temperature,
                         seed=seed + 1, **common)
-  votes = [voting.majority_vote(answers_of([x.text for x in row], s)) for row in sc]
+  sc_answers = [answers_of([x.text for x in row], s) for row in sc]
+  votes = [voting.majority_vote(a) for a in sc_answers]
   ok = score_votes(votes, gold, s.answer_type)
+  greedy_texts = [x[0].text for x in greedy_out]
   shares = [v.share for v in votes]
   return {
       "greedy_acc": float(g_ok.mean()),
@@ -91,6 +141,8 @@ def evaluate(lm, vocab, questions: Sequence[dict], prompts: Sequence[str], s: Ev
       "mean_vote_share": float(np.mean(shares)),
       "greedy_parse_rate": float(np.mean([v.answer is not None for v in g_votes])),
       "calibration": calibration(shares, ok, s.calibration_bins),
+      "extraction": extraction_summary(greedy_texts, [v.answer for v in g_votes], sc_answers,
+                                       gold, s),
       "examples": [{"id": q["id"], "question": q["question"], "gold": q["answer"],
                     "greedy": greedy_out[i][0].text, "sc_answer": votes[i].answer,
                     "sc_share": votes[i].share} for i, q in enumerate(questions[:5])],

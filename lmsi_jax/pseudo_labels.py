@@ -38,6 +38,7 @@ class VoteSettings:
   dedup: bool = False
   weighted: bool = False          # weight votes by length-normalised path probability
   fallback_last_number: bool = False
+  extractor: str = "lmsi"         # a lmsi_jax.extractors.EXTRACTORS name (task.extractor)
 
 
 def sample_pool(lm, vocab, questions: Sequence[dict], prompts: Sequence[str], out_dir: str, *,
@@ -90,7 +91,8 @@ def vote_pool(sample_records: Sequence[dict], questions: Sequence[dict], s: Vote
     vote, kept, answers = voting.vote_question(
         texts, s.answer_type, s.cue, stop=s.stop or None,
         fallback_last_number=s.fallback_last_number, logprob_weights=weights,
-        min_vote_share=s.min_vote_share, max_paths=s.max_paths or None, dedup=s.dedup)
+        min_vote_share=s.min_vote_share, max_paths=s.max_paths or None, dedup=s.dedup,
+        extractor=s.extractor)
     gold = voting.normalize_answer(q.get("answer"), s.answer_type) if q.get("answer") else None
     votes.append({
         "id": q["id"], "answer": vote.answer, "count": vote.count, "share": vote.share,

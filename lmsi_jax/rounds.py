@@ -79,7 +79,7 @@ class Pipeline:
     self.vote_settings = pl.VoteSettings(
         cfg.task.answer_type, cfg.task.cue, cfg.task.stop, cfg.voting.min_vote_share,
         cfg.voting.max_paths, cfg.voting.dedup, cfg.voting.weighted,
-        cfg.voting.fallback_last_number)
+        cfg.voting.fallback_last_number, cfg.task.extractor)
     self.seed_task = None
     fileio.makedirs(self.workdir)
 
@@ -103,7 +103,7 @@ class Pipeline:
     return eval_lib.EvalSettings(
         self.cfg.prompt_format, e.num_samples, temperature, e.top_k, e.top_p,
         e.max_decode_steps, e.calibration_bins, self.cfg.sampling.batch_size, t.answer_type,
-        t.cue, t.stop, self.cfg.voting.fallback_last_number)
+        t.cue, t.stop, self.cfg.voting.fallback_last_number, t.extractor)
 
   def train_config(self, base: bool = False) -> train_lib.TrainConfig:
     d = dict(self.cfg.train)

@@ -91,7 +91,8 @@ def confident_questions(sample_records: Sequence[dict], s: pl.VoteSettings,
   for rec in sample_records:
     texts = [x["text"] for x in rec["samples"]]
     vote, _, _ = voting.vote_question(texts, s.answer_type, s.cue, stop=s.stop or None,
-                                      fallback_last_number=s.fallback_last_number)
+                                      fallback_last_number=s.fallback_last_number,
+                                      extractor=s.extractor)
     keep = vote.answer is not None and vote.share + 1e-12 >= min_vote_share
     out.append({"id": rec["id"], "answer": vote.answer, "share": vote.share, "keep": keep})
   return out

@@ -89,7 +89,8 @@ def _first_number(text: str) -> str | None:
   return None if m is None else _canonical_number(m)
 
 
-def _last_number(text: str) -> str | None:
+def last_number(text: str) -> str | None:
+  """The canonical form of the last number in ``text`` (None if it has none)."""
   matches = list(_NUMBER_RE.finditer(text))
   return None if not matches else _canonical_number(matches[-1])
 
@@ -171,7 +172,7 @@ def extract_answer(text: str, answer_type: str = "number",
     rest = text[i + len(cue):].lstrip(" \t")
     answer = normalize_answer(rest.split("\n", 1)[0], answer_type)
   if answer is None and fallback_last_number and answer_type == "number":
-    answer = _last_number(text)
+    answer = last_number(text)
   return answer
 
 
@@ -271,15 +272,23 @@ def vote_question(texts: Sequence[str], answer_type: str = "number",
                   fallback_last_number: bool = False,
                   logprob_weights: Sequence[float] | None = None,
                   min_vote_share: float = 0.0, max_paths: int | None = None,
-                  dedup: bool = False) -> tuple[Vote, list[int], list[str | None]]:
+                  dedup: bool = False,
+                  extractor: str = "lmsi") -> tuple[Vote, list[int], list[str | None]]:
   """Extracts, votes and selects for one question's sampled paths.
 
   ``logprob_weights`` are per-path weights (e.g. ``sequence_weight``) for the
   weighted vote; ``dedup`` removes duplicate paths (compared after truncation
-  at ``stop``). Returns (vote, kept indices, per-path normalised answers).
+  at ``stop``); ``extractor`` names the answer extractor
+  (``lmsi_jax.extractors.EXTRACTORS``; "lmsi" is ``extract_answer``).
+  Returns (vote, kept indices, per-path normalised answers).
   """
-  answers = [extract_answer(t, answer_type, cue, stop, fallback_last_number)
-             for t in texts]
+  if extractor == "lmsi":
+    answers = [extract_answer(t, answer_type, cue, stop, fallback_last_number)
+               for t in texts]
+  else:
+    from lmsi_jax import extractors  # pylint: disable=g-import-not-at-top  (it imports voting)
+    answers = [extractors.extract(t, extractor, answer_type, cue, stop, fallback_last_number)
+               for t in texts]
   vote = majority_vote(answers, logprob_weights)
   dedup_texts = [truncate_at_stop(t, stop) for t in texts] if dedup else None
   kept = select_paths(answers, vote, min_vote_share=min_vote_share,
