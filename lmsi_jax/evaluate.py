@@ -77,6 +77,7 @@ def extraction_summary(greedy_texts: Sequence[str], greedy_answers: Sequence[str
   return {
       "extractor": s.extractor,
       "greedy_unextracted": sum(a is None for a in greedy_answers),
+      "greedy_paths": len(greedy_answers),
       "sc_unextracted": sum(a is None for row in sc_answers for a in row),
       "sc_paths": sum(len(row) for row in sc_answers),
       "greedy_others": compare_extractors(greedy_texts, greedy_answers, gold, s),

@@ -5,6 +5,10 @@ greedy_acc, sc_acc, num_questions, num_pseudo_labels,
 pseudo_label_precision, mean_vote_share, wall_s, ...}], oracle {greedy_acc,
 sc_acc}, control {greedy_acc, sc_acc}, pgr, calibration, wall_s,
 early_stop (null unless rounds.early_stop_patience > 0; see early_stop.py).
+base, each round, oracle and control also carry "extraction" (see
+evaluate.extraction_summary): {extractor, greedy_unextracted, greedy_paths,
+sc_unextracted, sc_paths, greedy_others: {name: {acc, unextracted, disagree}}, unavailable};
+report.md shows it as the "Answer extraction" table.
 Accuracies and shares are fractions in [0, 1]. The per-round pool
 diagnostics (pass@k, maj@k, precision, distinct answers/paths) are a report.md
 section and diagnostics.png (lmsi_jax/diagnostics.py).
@@ -21,7 +25,7 @@ from lmsi_jax import fileio
 from lmsi_jax.diagnostics import pct
 
 _EVAL_KEYS = ("greedy_acc", "sc_acc", "num_questions", "sc_num_samples", "sc_temperature",
-              "mean_vote_share", "greedy_parse_rate", "calibration", "wall_s")
+              "mean_vote_share", "greedy_parse_rate", "calibration", "extraction", "wall_s")
 
 
 def _eval_view(ev: dict | None) -> dict | None:
@@ -79,11 +83,40 @@ def to_markdown(rep: dict) -> str:
             "| vote share | questions | accuracy |", "|---|---|---|"]
   for c in rep["calibration"]:
     lines.append(f"| {c['lo']:.1f}–{c['hi']:.1f} | {c['count']} | {pct(c['accuracy'])} |")
+  lines += extraction_markdown(rep)
   lines += diagnostics.markdown(rep)
   if rep.get("format_ablation") or rep.get("strategies"):
     from lmsi_jax import ablation  # pylint: disable=g-import-not-at-top
     lines += ablation.markdown(rep)
   return "\n".join(lines) + "\n"
+
+
+def extraction_markdown(rep: dict) -> list[str]:
+  """The "Answer extraction" table: unextracted counts and the other extractors' disagreements."""
+  rows = [("base", rep.get("base"))]
+  rows += [(f"LMSI round {r['round']}", r) for r in rep.get("rounds") or []]
+  rows += [(arm, rep.get(arm)) for arm in ("oracle", "control")]
+  rows = [(name, ev["extraction"]) for name, ev in rows if ev and ev.get("extraction")]
+  if not rows:
+    return []
+  chosen = rows[0][1]["extractor"]
+  others = list(dict.fromkeys(n for _, x in rows for n in x.get("greedy_others", {})))
+  unavailable = sorted({n for _, x in rows for n in x.get("unavailable", [])})
+  lines = ["", f"Answer extraction (task.extractor = {chosen}). Unextracted: outputs with no "
+               "answer; each other extractor: greedy outputs it reads differently from "
+               f"{chosen} (its greedy accuracy).", "",
+           "| model | greedy unextracted | SC paths unextracted |" + "".join(f" {o} |" for o in others),
+           "|---|---|---|" + "---|" * len(others)]
+  for name, x in rows:
+    cells = [name, f"{x['greedy_unextracted']}/{x['greedy_paths']}",
+             f"{x['sc_unextracted']}/{x['sc_paths']}"]
+    for o in others:
+      d = x.get("greedy_others", {}).get(o)
+      cells.append("—" if d is None else f"{d['disagree']} ({pct(d['acc'])})")
+    lines.append("| " + " | ".join(cells) + " |")
+  if unavailable:
+    lines += ["", f"Not compared (package not installed): {', '.join(unavailable)}."]
+  return lines
 
 
 def plot(rep: dict, workdir: str) -> list[str]:
