@@ -277,6 +277,7 @@ class Pipeline:
                      "mean_distinct_paths": summary["mean_distinct_paths"],
                      "pool_calibration": summary["pool_calibration"],
                      "calibration": ev["calibration"],
+                     "extraction": ev.get("extraction"),
                      "train_truncated": done.get("num_truncated", 0),
                      **({"selfgen": gen} if gen else {}),
                      "wall_s": summary["sample_wall_s"] + summary["vote_wall_s"] + done["wall_s"]
