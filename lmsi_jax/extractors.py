@@ -43,6 +43,7 @@ commit b8d1d4fd057f6223c4490613f0a38cb5d75a3183.
 from __future__ import annotations
 
 import decimal
+import fractions
 import functools
 import importlib.util
 import re
@@ -111,6 +112,7 @@ def lm_eval_flexible(text, answer_type="number", cue=DEFAULT_CUE, stop="\nQ:", f
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*")
 _FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _FRAC_SHORT_RE = re.compile(r"\\[dt]?frac\s*(\d)\s*(\d)")
+_MIXED_RE = re.compile(r"(?<![\d.,])(\d+)\s*\\[dt]?frac\s*\{(\d+)\}\s*\{(\d+)\}")   # 3\frac{1}{2}
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
 
 
@@ -139,15 +141,37 @@ def last_boxed(text: str) -> str | None:
   return None
 
 
+def _exact(v: fractions.Fraction) -> str:
+  return str(v.numerator) if v.denominator == 1 else f"{v.numerator}/{v.denominator}"
+
+
+def _frac(m: re.Match) -> str:
+  """``\\frac{a}{b}`` -> "a/b"; exact "n/d" when a and b are numbers (so fractions nest)."""
+  a, b = m.group(1).strip(), m.group(2).strip()
+  sep = " " if m.start() and m.string[m.start() - 1].isdigit() else ""   # 2.5\frac: not "2.51/2"
+  try:
+    return sep + _exact(fractions.Fraction(a.replace(",", "")) / fractions.Fraction(b.replace(",", "")))
+  except (ValueError, ZeroDivisionError):
+    return f"{sep}{a}/{b}"
+
+
+def _mixed(m: re.Match) -> str:
+  """A mixed number ``3\\frac{1}{2}`` -> "7/2"."""
+  if int(m.group(3)) == 0:
+    return m.group(0)
+  return _exact(int(m.group(1)) + fractions.Fraction(int(m.group(2)), int(m.group(3))))
+
+
 def latex_to_plain(s: str) -> str:
   """Light LaTeX clean-up of a boxed answer so ``voting.normalize_answer`` reads it."""
   s = s.replace("{,}", ",").replace("\\!", "").replace("\\,", "").replace("\\;", " ")
   s = s.replace("\\ ", " ").replace("\\$", "$").replace("\\%", "%").replace("\\left", "")
   s = s.replace("\\right", "").replace("^\\circ", "").replace("^{\\circ}", "")
+  s = _MIXED_RE.sub(_mixed, s)
   for _ in range(3):                  # \text{\frac{1}{2}}-style nesting, a few levels
     s = _TEXT_RE.sub(r"\1", s)
-    s = _FRAC_RE.sub(r"\1/\2", s)
-  s = _FRAC_SHORT_RE.sub(r"\1/\2", s)
+    s = _FRAC_RE.sub(_frac, s)
+  s = _FRAC_SHORT_RE.sub(_frac, s)
   return s.strip()
 
 
@@ -182,6 +206,7 @@ def math_verify(text, answer_type="number", cue=DEFAULT_CUE, stop="\nQ:", fallba
     value = next(iter(value))
   if not isinstance(value, sympy.Basic) or not value.is_number:
     return None
+  value = value.doit()                      # parse leaves (1/2)/2, sqrt(4), 2**10 unevaluated
   if isinstance(value, sympy.Float):       # a decimal literal, at its written precision
     return voting.normalize_answer(format(decimal.Decimal(str(value)), "f"), "number")
   if not isinstance(value, sympy.Rational):
