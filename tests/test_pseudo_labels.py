@@ -102,3 +102,18 @@ def test_summary_diagnostics():
   assert s["mean_distinct_paths"] == pytest.approx((2 + 3 + 3) / 3)
   assert s["mean_vote_share"] == pytest.approx((1 + 0.75 + 0.75) / 3)
   assert [c["count"] for c in s["pool_calibration"]] == [0, 3]
+
+
+def test_extractor_chooses_the_voted_answers():
+  """task.extractor reaches the vote: boxed reads the boxes the default cue parser cannot."""
+  samples = [_rec("m", ["2+2 = \\boxed{4}", "So \\boxed{4}.", "The answer is 5.", "2+2=4."])]
+  labels, votes = pl.vote_pool(samples, QUESTIONS, pl.VoteSettings(), exemplars=None,
+                               formats=FORMATS, round_index=1, source_step=0)
+  assert votes[0]["answer"] == "5" and votes[0]["correct"] is False
+  labels, votes = pl.vote_pool(samples, QUESTIONS, pl.VoteSettings(extractor="boxed"),
+                               exemplars=None, formats=FORMATS, round_index=1, source_step=0)
+  assert (votes[0]["answer"], votes[0]["count"], votes[0]["correct"]) == ("4", 3, True)
+  assert sorted({l["path_index"] for l in labels}) == [0, 1, 3]
+  labels, votes = pl.vote_pool(samples, QUESTIONS, pl.VoteSettings(extractor="lm_eval_flexible"),
+                               exemplars=None, formats=FORMATS, round_index=1, source_step=0)
+  assert (votes[0]["answer"], votes[0]["count"]) == ("4", 3)   # "2+2=4." -> "4."; "\boxed{4}" -> "4"

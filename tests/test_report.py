@@ -34,3 +34,35 @@ def test_diagnostics_table_and_plot(tmp_path):
   assert os.path.getsize(tmp_path / "diagnostics.png") > 10_000
   assert "Self-generated" not in report.to_markdown(_rep([_row(1)]))
   assert "Early stopping" not in report.to_markdown(_rep([_row(1)]))
+
+
+def _extraction(unextracted, strict_disagree, **kw):
+  return {"extractor": "lmsi", "greedy_unextracted": unextracted, "greedy_paths": 10,
+          "sc_unextracted": 2 * unextracted, "sc_paths": 40,
+          "greedy_others": {"lm_eval_strict": {"acc": 0.3, "unextracted": 4,
+                                               "disagree": strict_disagree},
+                            "boxed": {"acc": 0.5, "unextracted": 0, "disagree": 1}},
+          "unavailable": ["math_verify"], **kw}
+
+
+def test_extraction_table_and_json():
+  class Cfg:
+    def to_json(self):
+      return "{}"
+  base = {"greedy_acc": 0.4, "sc_acc": 0.5, "calibration": [], "wall_s": 1.0,
+          "examples": [], "extraction": _extraction(3, 2)}
+  oracle = {**base, "extraction": _extraction(0, 1)}
+  rounds = [_row(1, extraction=_extraction(1, 0))]
+  rep = report.build_report(Cfg(), base, rounds, oracle, None, wall_s=3.0,
+                            wall_s_this_invocation=3.0)
+  assert rep["base"]["extraction"] == _extraction(3, 2) and "examples" not in rep["base"]
+  assert rep["oracle"]["extraction"]["greedy_unextracted"] == 0
+  md = report.to_markdown(rep)
+  assert "Answer extraction (task.extractor = lmsi)" in md
+  assert "| model | greedy unextracted | SC paths unextracted | lm_eval_strict | boxed |" in md
+  assert "| base | 3/10 | 6/40 | 2 (30.0%) | 1 (50.0%) |" in md
+  assert "| LMSI round 1 | 1/10 | 2/40 | 0 (30.0%) | 1 (50.0%) |" in md
+  assert "| oracle | 0/10 | 0/40 | 1 (30.0%) | 1 (50.0%) |" in md
+  assert "Not compared (package not installed): math_verify." in md
+  # reports written before extractors existed have no table
+  assert "Answer extraction" not in report.to_markdown(_rep([_row(1)]))
