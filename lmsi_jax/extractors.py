@@ -27,13 +27,15 @@ Extractors (``EXTRACTORS``; every one first cuts the text at ``stop``):
   compares strings).
 - ``boxed``: Qwen2.5-Math's parser: the content of the last ``\\boxed{...}``
   (balanced braces; ``\\fbox`` too) with light LaTeX clean-up (``\\frac{a}{b}``
-  -> a/b, ``{,}``, ``\\text{}``, ``\\$``, ``\\%``); else the LAST ``cue`` (as
-  its ``split("he answer is")[-1]``); else the last number. Any answer type
-  (the last-number step: number type only).
+  -> a/b, nested and mixed fractions exactly, ``{,}``, ``\\text{}``, ``\\$``,
+  ``\\%``); else (no box, or one that does not read as an answer) the LAST
+  ``cue`` (as its ``split("he answer is")[-1]``); else the last number. Any
+  answer type (the last-number step: number type only).
 - ``math_verify``: HF ``math-verify``'s ``parse`` (LaTeX and plain
   expressions); an answer sympy evaluates to a number is canonicalised
   exactly, anything else counts as unextracted. Needs ``pip install
-  math-verify``; number answers only.
+  math-verify``; number answers only. ``parse``'s 5 s timeout uses SIGALRM,
+  which works in the main thread only; elsewhere it runs without one.
 
 Source of the lm-eval strings: ``lm_eval/tasks/gsm8k/gsm8k-cot.yaml`` in
 lm-eval 0.4.13 (PyPI), the same text as EleutherAI/lm-evaluation-harness at
@@ -47,6 +49,7 @@ import fractions
 import functools
 import importlib.util
 import re
+import threading
 from collections.abc import Callable
 
 from lmsi_jax import voting
@@ -198,7 +201,8 @@ def math_verify(text, answer_type="number", cue=DEFAULT_CUE, stop="\nQ:", fallba
   del answer_type, cue, fallback
   import math_verify as mv  # pylint: disable=g-import-not-at-top
   import sympy  # pylint: disable=g-import-not-at-top
-  parsed = mv.parse(voting.truncate_at_stop(text, stop))
+  main = threading.current_thread() is threading.main_thread()
+  parsed = mv.parse(voting.truncate_at_stop(text, stop), parsing_timeout=5 if main else None)
   if not parsed:
     return None
   value = parsed[0]
