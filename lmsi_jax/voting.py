@@ -13,6 +13,9 @@ Conventions (see the module tests for the full table):
   "1/3").
 - Majority-vote ties are broken by the lexicographically smallest normalised
   answer, which does not depend on the order of the samples.
+- ``extract_answer`` is the default extractor ("lmsi"); the others
+  (``task.extractor``: lm-eval strict/flexible, boxed, math-verify) live in
+  lmsi_jax/extractors.py and normalise their spans with ``normalize_answer``.
 """
 from __future__ import annotations
 
