@@ -104,3 +104,19 @@ def test_load_errors_are_one_line(tmp_path, capsys):
                                        r"max_decode_steps=200 it exceeds"):
     sample_cli.main(["--checkpoint", gguf_path, "--prompt", "the", "--max_decode_steps", "200",
                      "--mesh_shape", "2,2,2"])
+
+
+def test_empty_prompt_without_a_start_token(tmp_path, mesh8):
+  """A tokenizer that adds no BOS gives an empty prompt no token: it starts from the BOS token
+  (as transformers' generate() without input ids), or fails with one line when there is none."""
+  path = str(tmp_path / "tiny.gguf")
+  write_tiny_gguf(path)                       # gpt2 tokenizer, bos_token_id 0, no add_bos_token
+  lm, vocab = load_checkpoint(path, mesh8)
+  assert vocab_lib.prompt_prefix(vocab) == () and vocab.bos_id == 0
+  assert vocab_lib.encode_prompt(vocab, "") == [] and list(vocab.encode("!")) == [0]
+  kw = dict(temperature=0.0, max_decode_steps=3, stop_strings=(), batch_size=2)
+  empty, bang = sampler.generate(lm, vocab, ["", "!"], **kw)
+  assert empty[0].tokens == bang[0].tokens
+  no_bos = vocab_lib.HFTokenizersVocabulary(vocab.tokenizer, eos=vocab.eos_id)
+  with pytest.raises(ValueError, match=r"^prompt 1 is empty and the tokenizer has no BOS token"):
+    sampler.generate(lm, no_bos, ["the", ""], **kw)
