@@ -207,7 +207,7 @@ def decode_batch(lm: model_lib.LM, prompts: Sequence[Sequence[int]], keys: np.nd
   b = -(-max(b, rows) // div) * div
   longest = max(len(p) for p in prompts)
   if min(len(p) for p in prompts) == 0:
-    raise ValueError("a prompt is empty (it must contain at least the start token)")
+    raise ValueError("a prompt is empty (it must contain at least one token)")
   tp = bucket_length(longest)
   limit = lm.cfg.max_seq_len
   if longest + params.max_decode_steps > limit:
@@ -277,6 +277,10 @@ def generate(lm: model_lib.LM, vocab, prompts: Sequence[str], *, num_samples: in
 
   Sample j of prompt i uses the key fold_in(fold_in(key(seed), prompt_offset + i), j),
   so results do not depend on batch size, prompt order or mesh shape.
+
+  Prompts are tokenized as the checkpoint's tokenizer does (`vocab.encode_prompt`:
+  a BOS only where the tokenizer adds one); rows are left-padded and positions
+  count from 0 at each row's first real token, so no start token is needed.
   """
   from lmsi_jax.data import vocab as vocab_lib   # pylint: disable=g-import-not-at-top
   if not isinstance(num_samples, int) or num_samples < 1:
@@ -284,7 +288,7 @@ def generate(lm: model_lib.LM, vocab, prompts: Sequence[str], *, num_samples: in
   params = SamplingParams(float(temperature), int(top_k), float(top_p), int(max_decode_steps))
   if isinstance(prompts, str):
     raise ValueError("prompts must be a sequence of strings, not a single string")
-  ids = [vocab_lib.encode_prompt(vocab, p) for p in prompts]
+  ids = [vocab_lib.encode_prompt(vocab, p) or _empty_prompt(vocab, i) for i, p in enumerate(prompts)]
   for i, p in enumerate(ids):
     if len(p) + max_decode_steps > lm.cfg.max_seq_len:
       raise ValueError(f"prompt {i} has {len(p)} tokens; with max_decode_steps={max_decode_steps} "
@@ -305,6 +309,19 @@ def generate(lm: model_lib.LM, vocab, prompts: Sequence[str], *, num_samples: in
     if progress is not None:
       progress(len(chunk))
   return results  # type: ignore[return-value]
+
+
+def _empty_prompt(vocab, i: int) -> list[int]:
+  """An empty prompt of a tokenizer that adds no BOS starts from its BOS token, as
+  transformers' `generate()` without input ids does; without one there is nothing to
+  condition on."""
+  try:
+    bos = vocab.bos_id
+  except (AttributeError, NotImplementedError):
+    bos = None
+  if bos is None or int(bos) < 0:
+    raise ValueError(f"prompt {i} is empty and the tokenizer has no BOS token to start from")
+  return [int(bos)]
 
 
 def _to_sample(vocab, out, r: int, stop_strings: Sequence[str]) -> Sample:

@@ -9,6 +9,7 @@ seqio = pytest.importorskip("seqio")
 tf = pytest.importorskip("tensorflow")
 tokenizers = pytest.importorskip("tokenizers")
 
+from lmsi_jax.checkpoints import tokenizer as tok_lib  # noqa: E402
 from lmsi_jax.data import features  # noqa: E402
 from lmsi_jax.data import jsonl  # noqa: E402
 from lmsi_jax.data import tasks  # noqa: E402
@@ -47,6 +48,14 @@ def hf_vocab(hf_tokenizer, tmp_path_factory):
   return vocab_lib.HFTokenizersVocabulary(str(path), eos="</s>", bos="<s>", unk="<unk>")
 
 
+@pytest.fixture(scope="module")
+def hf_bos_vocab(hf_tokenizer):
+  """The same tokenizer with a post-processor that puts <s> (id 3) before every text."""
+  tok = tokenizers.Tokenizer.from_str(hf_tokenizer.to_str())
+  tok_lib.set_bos_post_processor(tok, 3)
+  return vocab_lib.HFTokenizersVocabulary(tok, eos="</s>", bos="<s>", unk="<unk>")
+
+
 # ---------------------------------------------------------------- vocabularies
 
 
@@ -57,23 +66,29 @@ def test_byte_vocabulary_and_padding():
   for s in TEXTS:
     assert v.decode(v.encode(s)) == s
   assert v.decode(list(v.encode("hi")) + [1, 50, 60, 0, 0]) == "hi"
-  assert vocab_lib.start_id(v) == 0
+  assert vocab_lib.prompt_prefix(v) == (0,) and features.start_id(v) == 0
   assert vocab_lib.encode_prompt(v, "hi") == [0, ord("h") + 3, ord("i") + 3]
   assert vocab_lib.padded_vocab_size(259) == 384
   assert vocab_lib.padded_vocab_size(256) == 256
   assert vocab_lib.padded_vocab_size(300, 64) == 320
 
 
-def test_hf_vocabulary_roundtrip(hf_tokenizer, hf_vocab):
+def test_hf_vocabulary_roundtrip(hf_tokenizer, hf_vocab, hf_bos_vocab):
   v = hf_vocab
   assert (v.eos_id, v.bos_id, v.unk_id) == (1, 3, 2)
   assert v.vocab_size == hf_tokenizer.get_vocab_size()
-  assert vocab_lib.start_id(v) == 3
+  # A BOS is added only where the tokenizer's post-processor adds one.
+  assert vocab_lib.prompt_prefix(v) == () and features.start_id(v) is None
+  assert vocab_lib.prompt_prefix(hf_bos_vocab) == (3,) and features.start_id(hf_bos_vocab) == 3
+  assert hf_bos_vocab != v
   for s in TEXTS:
     ids = v.encode(s)
     assert v.eos_id not in ids and v.bos_id not in ids
     assert v.decode(ids) == s
-    assert vocab_lib.encode_prompt(v, s) == [3] + list(ids)
+    assert vocab_lib.encode_prompt(v, s) == list(ids) == hf_tokenizer.encode(s).ids
+    assert list(hf_bos_vocab.encode(s)) == list(ids)
+    assert vocab_lib.encode_prompt(hf_bos_vocab, s) == [3] + list(ids)
+    assert vocab_lib.encode_prompt(hf_bos_vocab, s) == hf_bos_vocab.tokenizer.encode(s).ids
   ids = list(v.encode("The answer is 7."))
   assert v.decode([3] + ids + [v.eos_id] + ids + [0, 0]) == "The answer is 7."  # stops at EOS
   assert v.decode(ids + [0, 0, 0]) == "The answer is 7."  # trailing pads dropped
@@ -172,18 +187,24 @@ def _decode_rows(rows, v, start):
     assert np.all(row["tokens"][row["segment_ids"] == 0] == 0)
     assert np.all(row["loss_weights"][row["segment_ids"] == 0] == 0)
     for tok, tgt, w in _segments(row):
-      assert tok[0] == start
       assert np.array_equal(tok[1:], tgt[:-1])  # tokens[t+1] == targets[t]
       n_in = int(np.argmax(w > 0)) if w.any() else len(w)
       assert np.all(w[:n_in] == 0) and np.all(w[n_in:] == 1)  # loss on targets only
-      out.append((v.decode(tgt[:n_in]), v.decode(tgt[n_in:]), bool(tgt[-1] == v.eos_id)))
+      if start is None:    # no start token: the first input token starts the segment
+        inputs, tgts = np.concatenate([tok[:1], tgt[:n_in]]), tgt[n_in:]
+      else:
+        assert tok[0] == start
+        inputs, tgts = tgt[:n_in], tgt[n_in:]
+      out.append((v.decode(inputs), v.decode(tgts), bool(tgt[-1] == v.eos_id)))
+      # A segment's tokens up to its targets are exactly the prompt the sampler feeds.
+      assert list(tok[:n_in + 1]) == vocab_lib.encode_prompt(v, out[-1][0])
   return out
 
 
-@pytest.mark.parametrize("vocab_name", ["byte", "hf"])
-def test_jsonl_task_packing_roundtrip(tmp_path, hf_vocab, vocab_name):
-  v = vocab_lib.byte_vocabulary() if vocab_name == "byte" else hf_vocab
-  start = vocab_lib.start_id(v)
+@pytest.mark.parametrize("vocab_name", ["byte", "hf", "hf_bos"])
+def test_jsonl_task_packing_roundtrip(tmp_path, hf_vocab, hf_bos_vocab, vocab_name):
+  v = {"byte": vocab_lib.byte_vocabulary(), "hf": hf_vocab, "hf_bos": hf_bos_vocab}[vocab_name]
+  start = features.start_id(v)
   seq_len = 128
   recs = _records(12, long_every=6)
   k = next(k for k in range(1, seq_len) if len(v.encode("zqxj " * k + "vkwp " * k)) >= seq_len)

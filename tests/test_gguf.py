@@ -235,20 +235,23 @@ def smollm2(mesh8, smollm2_gguf):
   torch.set_num_threads(1)          # tiny matmuls: extra threads only contend on small hosts
   hf = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                  gguf_file=os.path.basename(path))
   lm, vocab = load_checkpoint(path, mesh8)
-  yield lm, vocab, hf, torch
+  yield lm, vocab, hf, tok, torch
   torch.set_num_threads(threads)
 
 
-PROMPTS = ["The capital of France is", "Q: What is 12 + 30?\nA:", "def fib(n):"]
+PROMPTS = ["The capital of France is", "Q: What is 12 + 30?\nA:", "def fib(n):",
+           "Q: A farmer has 12 cows and buys 7 more. How many cows does he have?\nA:"]
 
 
 @pytest.mark.reference
 @pytest.mark.slow
 def test_smollm2_logits_match_transformers(smollm2):
-  lm, vocab, hf, torch = smollm2
+  lm, vocab, hf, _, torch = smollm2
   assert lm.cfg.vocab_size == 49152 and lm.cfg.num_layers == 30 and lm.cfg.tie_embeddings
-  ids = [vocab_lib.encode_prompt(vocab, p) for p in PROMPTS]   # start token + text, as sampled
+  ids = [vocab_lib.encode_prompt(vocab, p) for p in PROMPTS[:3]]   # as sampled
   t = max(map(len, ids))
   batch = np.array([r + [0] * (t - len(r)) for r in ids], np.int32)   # right padding: causal
   ours, _ = lm(jnp.asarray(batch), jnp.broadcast_to(jnp.arange(t), batch.shape),
@@ -263,13 +266,19 @@ def test_smollm2_logits_match_transformers(smollm2):
 @pytest.mark.reference
 @pytest.mark.slow
 def test_smollm2_greedy_tokens_match_transformers(smollm2):
-  lm, vocab, hf, torch = smollm2
-  out = sampler.generate(lm, vocab, PROMPTS[:2], temperature=0.0, max_decode_steps=32,
+  """The same text gives the same prompt ids and the same 32 greedy tokens as transformers
+  (tokenizer and model both from the GGUF). SmolLM2 adds no BOS: before, a start token
+  (<|endoftext|>) was prepended and the model ended the farmer's answer at once."""
+  lm, vocab, hf, tok, torch = smollm2
+  prompts = [PROMPTS[1], PROMPTS[3]]
+  out = sampler.generate(lm, vocab, prompts, temperature=0.0, max_decode_steps=32,
                          stop_strings=(), batch_size=4)
-  for p, (s,) in zip(PROMPTS, out):
-    ids = vocab_lib.encode_prompt(vocab, p)
+  for p, (s,) in zip(prompts, out):
+    ids = tok(p)["input_ids"]
+    assert vocab_lib.encode_prompt(vocab, p) == ids, p
     with torch.no_grad():
       ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                         max_new_tokens=32, do_sample=False, eos_token_id=vocab.eos_id,
                         pad_token_id=vocab.eos_id)
     assert list(s.tokens) == ref[0, len(ids):].tolist(), p
+  assert out[1][0].text.startswith(" 12 + 7 = 19"), out[1][0].text

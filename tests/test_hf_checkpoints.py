@@ -202,3 +202,46 @@ def test_bad_checkpoints(llama_dir, mesh8, tmp_path):
     os.remove(os.path.join(d, name))
   with pytest.raises(ValueError, match=r"^no tokenizer in .*notok"):
     load_checkpoint(d, mesh8)
+
+
+def _llama_tokenizer(add_bos: bool):
+  """A small SentencePiece-style BPE tokenizer (ids < 300) that does or does not add <s>."""
+  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+  for c in "▁abcdefghijklmnopqrstuvwxyzQA:?0123456789+=.":
+    vocab.setdefault(c, len(vocab))
+  merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("▁", "c"), ("a", "t")]
+  for a, b in merges:
+    vocab.setdefault(a + b, len(vocab))
+  return transformers.LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=add_bos)
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_prompts_tokenized_and_decoded_as_transformers(llama_dir, mesh8, tmp_path, add_bos):
+  """Prompt ids are the checkpoint tokenizer's own (BOS only if it adds one); greedy tokens too."""
+  from lmsi_jax import sampler  # pylint: disable=g-import-not-at-top
+  from lmsi_jax.data import features  # pylint: disable=g-import-not-at-top
+  src, model = llama_dir
+  path = str(tmp_path / "ckpt")
+  shutil.copytree(src, path)
+  _llama_tokenizer(add_bos).save_pretrained(path)       # replaces the byte tokenizer files
+  lm, vocab = load_checkpoint(path, mesh8)
+  ref = transformers.AutoTokenizer.from_pretrained(path)
+  assert isinstance(vocab, vocab_lib.HFTokenizersVocabulary)
+  assert vocab_lib.prompt_prefix(vocab) == ((1,) if add_bos else ())
+  assert features.start_id(vocab) == (1 if add_bos else None)
+  texts = ["the cat", "Q: 12+7=?\nA:", "at"]
+  for text in texts:
+    assert vocab_lib.encode_prompt(vocab, text) == ref(text)["input_ids"], text
+  steps = 8
+  out = sampler.generate(lm, vocab, texts, temperature=0.0, max_decode_steps=steps, stop_strings=(),
+                         batch_size=4)
+  for text, (s,) in zip(texts, out):
+    ids = ref(text)["input_ids"]
+    with torch.no_grad():
+      gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           max_new_tokens=steps, do_sample=False, eos_token_id=2, pad_token_id=2,
+                           suppress_tokens=list(range(vocab.vocab_size, 300)))   # as vocab_limit
+    new = gen[0, len(ids):].tolist()
+    if 2 in new:
+      new = new[: new.index(2) + 1]
+    assert list(s.tokens) == new, text

@@ -31,15 +31,21 @@ def _assert_parity(vocab, ref):
     ids = ref(s, add_special_tokens=False)["input_ids"]
     assert list(vocab.encode(s)) == ids, s
     assert vocab.tokenizer.decode(ids, skip_special_tokens=False) == ref.decode(ids), s
+    # Prompts: the tokenizer's own ids, its BOS only where it adds one.
+    assert vocab_lib.encode_prompt(vocab, s) == ref(s)["input_ids"], s
 
 
 @pytest.mark.reference
 def test_gguf_tokenizer_matches_transformers(smol_tokenizers):
   vocab, ref = smol_tokenizers
   assert isinstance(vocab, vocab_lib.HFTokenizersVocabulary)
-  # SmolLM2's GGUF says add_bos_token=False: no BOS id, sequences start with id 0.
-  assert (vocab.vocab_size, vocab.bos_id, vocab.eos_id) == (len(ref), None, 2)
-  assert vocab.eos_id == ref.eos_token_id and vocab_lib.start_id(vocab) == 0
+  # SmolLM2's GGUF says add_bos_token=False: its BOS (<|im_start|>) is never prepended.
+  assert (vocab.vocab_size, vocab.bos_id, vocab.eos_id) == (len(ref), 1, 2)
+  assert vocab.eos_id == ref.eos_token_id and vocab.bos_id == ref.bos_token_id
+  assert vocab_lib.prompt_prefix(vocab) == ()
+  prompt = "Q: A farmer has 12 cows and buys 7 more. How many cows does he have?\nA:"
+  assert vocab_lib.encode_prompt(vocab, prompt) == ref(prompt)["input_ids"]
+  assert vocab_lib.encode_prompt(vocab, prompt)[0] == vocab.encode("Q")[0]
   _assert_parity(vocab, ref)
   assert vocab.decode(vocab.encode("café 🙂") + [vocab.eos_id, 5]) == "café 🙂"
 
@@ -52,9 +58,8 @@ def test_tokenizer_json_matches_transformers(smol_tokenizers, tmp_path):
   ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   vocab = load_tokenizer(str(tmp_path))               # tokenizer.json + tokenizer_config.json
   assert isinstance(vocab, vocab_lib.HFTokenizersVocabulary)
-  with open(tmp_path / "tokenizer_config.json") as f:
-    adds_bos = json.load(f).get("add_bos_token") is not False
-  assert (vocab.bos_id, vocab.eos_id) == (ref.bos_token_id if adds_bos else None, ref.eos_token_id)
+  assert (vocab.bos_id, vocab.eos_id) == (ref.bos_token_id, ref.eos_token_id)
+  assert vocab_lib.prompt_prefix(vocab) == ()
   _assert_parity(vocab, ref)
   # Re-export (our writer) and reload with transformers.
   out = tmp_path / "again"
@@ -78,6 +83,8 @@ def test_byte_twin_matches_byte_vocabulary(tmp_path):
   ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
   assert ref("tabs\t🙂", add_special_tokens=False)["input_ids"] == list(byte.encode("tabs\t🙂"))
   assert ref.eos_token_id == 1 and ref.pad_token_id == 0
+  # The exported tokenizer starts texts with the byte vocabulary's start id 0, as prompts do.
+  assert ref("tabs\t🙂")["input_ids"] == vocab_lib.encode_prompt(byte, "tabs\t🙂")
 
 
 def _train_sentencepiece():
@@ -92,16 +99,10 @@ def _train_sentencepiece():
   return spm.SentencePieceProcessor(model_proto=model.getvalue()), model.getvalue()
 
 
-def test_sentencepiece_model_and_gguf_llama_tokenizer(tmp_path):
-  sp, proto = _train_sentencepiece()
-  (tmp_path / "tokenizer.model").write_bytes(proto)
-  vocab = load_tokenizer(str(tmp_path))
-  assert isinstance(vocab, seqio.SentencePieceVocabulary) and vocab.eos_id == sp.eos_id()
-  # The same model as GGUF "llama" tokenizer metadata, rebuilt with `tokenizers`.
+def _write_sp_gguf(path, sp, add_bos=None):
   n = sp.get_piece_size()
   types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
            for i in range(n)]
-  path = str(tmp_path / "sp.gguf")
   w = gguf.GGUFWriter(path, "llama")
   w.add_tokenizer_model("llama")
   w.add_token_list([sp.id_to_piece(i) for i in range(n)])
@@ -110,13 +111,50 @@ def test_sentencepiece_model_and_gguf_llama_tokenizer(tmp_path):
   w.add_bos_token_id(sp.bos_id())
   w.add_eos_token_id(sp.eos_id())
   w.add_unk_token_id(sp.unk_id())
+  if add_bos is not None:
+    w.add_add_bos_token(add_bos)
   w.add_tensor("dummy", np.zeros(4, np.float32))
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
+  return path
+
+
+def test_sentencepiece_model_and_gguf_llama_tokenizer(tmp_path):
+  sp, proto = _train_sentencepiece()
+  (tmp_path / "tokenizer.model").write_bytes(proto)
+  vocab = load_tokenizer(str(tmp_path))
+  assert isinstance(vocab, seqio.SentencePieceVocabulary) and vocab.eos_id == sp.eos_id()
+  transformers = pytest.importorskip("transformers")
+  prompt = "Q: what is 12 plus 30?\nA:"
+  # tokenizer.model alone: transformers adds a BOS only if tokenizer_config.json says so.
+  for add_bos in (None, True, False):
+    d = tmp_path / f"sp_dir_{add_bos}"
+    d.mkdir()
+    (d / "tokenizer.model").write_bytes(proto)
+    if add_bos is not None:
+      (d / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": add_bos}))
+    ref = transformers.AutoTokenizer.from_pretrained(str(d))
+    assert vocab_lib.encode_prompt(load_tokenizer(str(d)), prompt) == ref(prompt)["input_ids"]
+    assert vocab_lib.prompt_prefix(load_tokenizer(str(d))) == ((1,) if add_bos else ())
+  # The same model as GGUF "llama" tokenizer metadata, rebuilt with `tokenizers`.
+  n = sp.get_piece_size()
+  gdir = tmp_path / "gguf"        # apart from tokenizer.model, which transformers would prefer
+  gdir.mkdir()
+  path = _write_sp_gguf(str(gdir / "sp.gguf"), sp)
   ours = load_tokenizer(path)
   assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (1, 2, n)
+  # A "llama" file without add_bos_token adds BOS (transformers and llama.cpp agree).
+  assert vocab_lib.prompt_prefix(ours) == (1,)
+  for s in STRINGS:
+    assert vocab_lib.encode_prompt(ours, s) == [1] + sp.encode(s), s
+  off = load_tokenizer(_write_sp_gguf(str(gdir / "sp_nobos.gguf"), sp, add_bos=False))
+  assert vocab_lib.prompt_prefix(off) == () and off.bos_id == 1
+  for name, vocab_ in (("sp.gguf", ours), ("sp_nobos.gguf", off)):
+    ref = transformers.AutoTokenizer.from_pretrained(str(gdir), gguf_file=name)
+    for s in (prompt, "The quick brown fox"):
+      assert vocab_lib.encode_prompt(vocab_, s) == ref(s)["input_ids"], (name, s)
   for s in STRINGS:
     assert list(ours.encode(s)) == sp.encode(s), s
     assert ours.decode(sp.encode(s)) == sp.decode(sp.encode(s)), s
@@ -124,7 +162,7 @@ def test_sentencepiece_model_and_gguf_llama_tokenizer(tmp_path):
   out.mkdir()
   save_tokenizer(vocab, str(out))
   again = load_tokenizer(str(out))
-  assert isinstance(again, seqio.SentencePieceVocabulary)
+  assert isinstance(again, seqio.SentencePieceVocabulary) and again.prefix_ids == vocab.prefix_ids == ()
   assert list(again.encode(STRINGS[0])) == sp.encode(STRINGS[0])
 
 

@@ -75,6 +75,14 @@ def _token(vocab, i: int | None) -> str | None:
   return vocab.tokenizer.id_to_piece(int(i))
 
 
+def _bos_id(vocab) -> int | None:
+  """config.json's bos_token_id: the byte vocabulary's start id 0, else the tokenizer's BOS."""
+  if isinstance(vocab, seqio.ByteVocabulary):
+    return 0
+  bos = vocab.bos_id
+  return int(bos) if bos is not None and int(bos) >= 0 else None
+
+
 def save_tokenizer(source, out_dir: str, *, write: bool = True) -> seqio.Vocabulary:
   """Writes the tokenizer files for a vocabulary or a tokenizer path. Returns the vocabulary."""
   if isinstance(source, (str, os.PathLike)):
@@ -92,7 +100,11 @@ def save_tokenizer(source, out_dir: str, *, write: bool = True) -> seqio.Vocabul
     return vocab
   base = {"model_max_length": 1_000_000_000_000}
   if isinstance(vocab, seqio.ByteVocabulary):
-    tok_lib.byte_tokenizer().save(os.path.join(out_dir, "tokenizer.json"))
+    # The byte vocabulary's sequences start with id 0 (`vocab.prompt_prefix`): the
+    # exported tokenizer adds it, so transformers tokenizes prompts as the sampler does.
+    tok = tok_lib.byte_tokenizer()
+    tok_lib.set_bos_post_processor(tok, 0)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
     _write_json(os.path.join(out_dir, "tokenizer_config.json"), {
         **base, "tokenizer_class": "PreTrainedTokenizerFast", tok_lib.BYTE_MARKER: "byte",
         "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
@@ -106,7 +118,8 @@ def save_tokenizer(source, out_dir: str, *, write: bool = True) -> seqio.Vocabul
     with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
       f.write(vocab.sp_model)
     _write_json(os.path.join(out_dir, "tokenizer_config.json"), {
-        **base, "tokenizer_class": "LlamaTokenizer", "add_bos_token": False,
+        **base, "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": bool(vocab_lib.prompt_prefix(vocab)),
         "bos_token": _token(vocab, vocab.tokenizer.bos_id() if vocab.tokenizer.bos_id() >= 0 else None),
         "eos_token": _token(vocab, vocab.eos_id), "unk_token": _token(vocab, vocab.unk_id)})
   else:
@@ -152,7 +165,7 @@ def export_hf(lm: model_lib.LM, vocab_or_tokenizer_source, out_dir: str, *,
     raise ValueError(f"vocab_size {real_vocab} exceeds the model's {lm.cfg.vocab_size} embedding rows")
   dtype = dtype or lm.cfg.param_dtype
   np_dtype = np.dtype(model_lib.DTYPES[dtype])
-  bos = vocab_lib.start_id(vocab)
+  bos = _bos_id(vocab)
   if write:
     _write_json(os.path.join(out_dir, "config.json"),
                 hf_config(lm.cfg, real_vocab, bos_id=bos, eos_id=vocab.eos_id, dtype=dtype))

@@ -1,14 +1,17 @@
 """Tokenizers from checkpoints, as seqio.Vocabulary objects.
 
 - HF directories: `tokenizer.json` -> `HFTokenizersVocabulary`; SentencePiece
-  `tokenizer.model` -> `seqio.SentencePieceVocabulary`; a directory that
+  `tokenizer.model` -> `vocab.SentencePieceVocabulary`; a directory that
   `export_hf` wrote for the built-in byte vocabulary -> `seqio.ByteVocabulary`.
   BOS/EOS ids come from generation_config.json, then config.json, then
-  tokenizer_config.json (the first id when a list is given).
+  tokenizer_config.json (the first id when a list is given). Whether a BOS
+  starts every text is tokenizer.json's post-processor's decision (transformers
+  5 ignores tokenizer_config.json's add_bos_token when tokenizer.json exists).
 - GGUF metadata: the tokenizer is rebuilt with `tokenizers` (no transformers or
   torch): "gpt2" byte-level BPE (tokens, merges, token types, the pre-tokenizer
   named by `tokenizer.ggml.pre`) and "llama" SentencePiece-BPE (tokens and
-  scores, merges derived from scores, byte fallback).
+  scores, merges derived from scores, byte fallback); a BOS post-processor when
+  the file says add_bos_token (default: "llama" files only), as transformers.
 """
 
 from __future__ import annotations
@@ -80,8 +83,6 @@ def special_ids(directory: str, config: dict[str, Any] | None = None) -> dict[st
     if value is None:
       value = _token_str(tok_cfg.get(f"{key}_token"))
     out[key] = value
-  if tok_cfg.get("add_bos_token") is False:   # see gguf_vocabulary
-    out["bos"] = None
   return out
 
 
@@ -114,7 +115,8 @@ def load_hf_tokenizer(directory: str, config: dict[str, Any] | None = None) -> s
     return vocab_lib.HFTokenizersVocabulary(tok, eos=eos, bos=ids["bos"], unk=ids["unk"])
   sp = os.path.join(directory, "tokenizer.model")
   if os.path.exists(sp):
-    return seqio.SentencePieceVocabulary(sp)
+    tok_cfg = _read_json(os.path.join(directory, "tokenizer_config.json"))
+    return vocab_lib.SentencePieceVocabulary(sp, add_bos=tok_cfg.get("add_bos_token") is True)
   raise ValueError(f"no tokenizer in {directory} (expected tokenizer.json or tokenizer.model)")
 
 
@@ -127,7 +129,7 @@ def load_tokenizer(path: str) -> seqio.Vocabulary:
     from lmsi_jax.checkpoints import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
     return gguf_lib.load_vocab(path)
   if path.endswith(".model"):
-    return seqio.SentencePieceVocabulary(path)
+    return vocab_lib.SentencePieceVocabulary(path)
   if path.endswith(".json"):
     ids = special_ids(os.path.dirname(path) or ".")
     tok = tokenizers.Tokenizer.from_file(path)
@@ -233,10 +235,21 @@ def gguf_vocabulary(meta: dict[str, Any], where: str) -> vocab_lib.HFTokenizersV
   eos = meta.get("tokenizer.ggml.eos_token_id")
   if eos is None:
     raise ValueError(f"{where}: GGUF metadata has no tokenizer.ggml.eos_token_id")
-  # A tokenizer that does not add BOS (e.g. SmolLM2) gets none: sequences then
-  # start with id 0 (vocab.start_id), not with a chat/BOS token it never saw there.
+  # Whether a BOS starts every text is decided as transformers' GGUF loader does:
+  # tokenizer.ggml.add_bos_token, else True for "llama" (SentencePiece) files and
+  # False otherwise. SmolLM2 says False: its prompts start with the text itself.
   bos = meta.get("tokenizer.ggml.bos_token_id")
-  if not meta.get("tokenizer.ggml.add_bos_token", True):
-    bos = None
+  add_bos = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")
+  if add_bos:
+    if bos is None:
+      raise ValueError(f"{where}: GGUF metadata sets add_bos_token but has no bos_token_id")
+    set_bos_post_processor(tok, int(bos))
   return vocab_lib.HFTokenizersVocabulary(
       tok, eos=int(eos), bos=bos, unk=meta.get("tokenizer.ggml.unknown_token_id"))
+
+
+def set_bos_post_processor(tok: tokenizers.Tokenizer, bos_id: int) -> None:
+  """Makes `tok` put `bos_id` before every text (transformers' `update_post_processor`)."""
+  bos = tok.id_to_token(bos_id)
+  tok.post_processor = processors.TemplateProcessing(
+      single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])

@@ -1,8 +1,13 @@
 """Packed decoder-only training batches from SeqIO tasks/mixtures.
 
-Each example becomes one segment `[start] inputs targets[:-1]` predicting
-`inputs targets` (targets end with EOS); examples are packed into rows of
-exactly `seq_len` tokens with SeqIO's `PrefixLMFeatureConverter(pack=True)`.
+Each example is tokenized as the sampler tokenizes a prompt
+(`vocab.encode_prompt`): with a start id (the byte vocabulary's 0, or the
+BOS of a tokenizer that adds one) the segment is `[start] inputs targets[:-1]`
+predicting `inputs targets`; for a tokenizer that adds no BOS (SmolLM2, Qwen2)
+it is `inputs targets[:-1]` predicting `inputs[1:] targets`, positions from 0
+at the first input token, exactly as a prompt of those inputs is fed (targets
+end with EOS). Examples are packed into rows of exactly `seq_len` tokens with
+SeqIO's `PrefixLMFeatureConverter(pack=True)`.
 Loss weights cover target tokens only. An example whose inputs + targets
 exceed `seq_len` is truncated on the right (never dropped) and counted.
 """
@@ -53,15 +58,19 @@ def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
 def pack_examples(
     ds: tf.data.Dataset,
     seq_len: int,
-    start_id: int,
+    start_id: int | None,
     truncated: tf.Variable | None = None,
 ) -> tf.data.Dataset:
   """Tokenized {"inputs", "targets"} examples -> packed rows (int32/float32 [seq_len]).
 
   Rows have `tokens`, `targets`, `loss_weights`, `segment_ids`, `positions`;
-  `tokens` holds `start_id` at every segment start and 0 on padding
-  (`segment_ids == 0`). If given, `truncated` (an int64 variable) is
-  incremented for each example longer than `seq_len`.
+  0 on padding (`segment_ids == 0`). With a `start_id`, `tokens` holds it at
+  every segment start. With `start_id=None` (a tokenizer that adds no BOS) a
+  segment's first token is its first input token, at position 0, and predicts
+  nothing: SeqIO's slot in front of it (where `start_id` would be) becomes
+  padding, so a segment of n tokens uses n + 1 slots of the row either way. If
+  given, `truncated` (an int64 variable) is incremented for each example longer
+  than `seq_len`.
   """
   if seq_len < 2:
     raise ValueError(f"seq_len must be >= 2, got {seq_len}")
@@ -82,12 +91,22 @@ def pack_examples(
     seg = tf.cast(ex["decoder_segment_ids"], tf.int32)
     pos = tf.cast(ex["decoder_positions"], tf.int32)
     tokens = tf.cast(ex["decoder_input_tokens"], tf.int32)
-    tokens = tf.where((pos == 0) & (seg > 0), tf.fill(tf.shape(tokens), start_id), tokens)
+    targets = tf.cast(ex["decoder_target_tokens"], tf.int32)
+    weights = tf.cast(ex["decoder_loss_weights"], tf.float32)
+    if start_id is None:
+      # SeqIO's slot 0 of a segment (input: its shifted-in 0; target: the first input
+      # token) is dropped; slot p >= 1 (input token p-1 -> token p) moves to position p-1.
+      seg = tf.where(pos == 0, tf.zeros_like(seg), seg)
+      pos = tf.where(seg > 0, pos - 1, tf.zeros_like(pos))
+      targets = tf.where(seg > 0, targets, tf.zeros_like(targets))
+      weights = tf.where(seg > 0, weights, tf.zeros_like(weights))
+    else:
+      tokens = tf.where((pos == 0) & (seg > 0), tf.fill(tf.shape(tokens), start_id), tokens)
     tokens = tf.where(seg > 0, tokens, tf.zeros_like(tokens))
     return {
         "tokens": tokens,
-        "targets": tf.cast(ex["decoder_target_tokens"], tf.int32),
-        "loss_weights": tf.cast(ex["decoder_loss_weights"], tf.float32),
+        "targets": targets,
+        "loss_weights": weights,
         "segment_ids": seg,
         "positions": pos,
     }
@@ -119,8 +138,17 @@ def packed_dataset(
       shard_info=shard_info,
       num_epochs=1,
   )
-  start = vocab_lib.start_id(provider.output_features["targets"].vocabulary)
-  return pack_examples(_deterministic(ds), seq_len, start, truncated)
+  return pack_examples(_deterministic(ds), seq_len,
+                       start_id(provider.output_features["targets"].vocabulary), truncated)
+
+
+def start_id(vocab: seqio.Vocabulary) -> int | None:
+  """The id every training segment starts with (`vocab.prompt_prefix`), None for no prefix."""
+  prefix = vocab_lib.prompt_prefix(vocab)
+  if len(prefix) > 1:
+    raise ValueError(f"{vocab!r} puts {len(prefix)} tokens before every text {list(prefix)}; "
+                     "packing supports one (a BOS) or none")
+  return prefix[0] if prefix else None
 
 
 class BatchIterator(Iterator[Batch]):

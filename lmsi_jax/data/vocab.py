@@ -46,6 +46,15 @@ def _resolve_id(tok: tokenizers.Tokenizer, what: str, token: str | int | None) -
   return token_id
 
 
+def leading_special_ids(tok: tokenizers.Tokenizer) -> tuple[int, ...]:
+  """The special tokens `tok`'s post-processor adds before a text (its BOS, if any)."""
+  enc = tok.encode("a", add_special_tokens=True)
+  n = 0
+  while n < len(enc.ids) and enc.special_tokens_mask[n]:
+    n += 1
+  return tuple(int(i) for i in enc.ids[:n])
+
+
 class HFTokenizersVocabulary(seqio.Vocabulary):
   """A SeqIO vocabulary over a Hugging Face `tokenizers.Tokenizer`.
 
@@ -54,6 +63,12 @@ class HFTokenizersVocabulary(seqio.Vocabulary):
   with 0 and every mask comes from segment ids, never from `token != 0`.
   Decoding stops at the first EOS (dropped) and strips a trailing run of
   pads (id 0); special tokens (BOS, ...) are skipped.
+
+  `encode` never adds special tokens. Whether a BOS starts every sequence
+  (`prefix_ids`, used for prompts and training segments) is the tokenizer's
+  own post-processor's decision, as in transformers: a `TemplateProcessing`
+  with a leading BOS adds one; none, or a `ByteLevel` one, adds nothing. `bos`
+  only names the BOS token (exported configs); it adds nothing by itself.
 
   Tokenization in tf.data goes through `tf.numpy_function` (holds the GIL; fine
   at pseudo-label scale).
@@ -76,6 +91,7 @@ class HFTokenizersVocabulary(seqio.Vocabulary):
     self._eos = _resolve_id(self._tok, "EOS", eos)
     self._bos = _resolve_id(self._tok, "BOS", bos)
     self._unk = _resolve_id(self._tok, "UNK", unk)
+    self._prefix = leading_special_ids(self._tok)
     digest = hashlib.sha256(self._tok.to_str().encode("utf-8")).hexdigest()
     self._fingerprint = (digest, self._eos, self._bos, self._unk, extra_ids)
     super().__init__(extra_ids=extra_ids)
@@ -95,6 +111,11 @@ class HFTokenizersVocabulary(seqio.Vocabulary):
   @property
   def unk_id(self) -> int | None:
     return self._unk
+
+  @property
+  def prefix_ids(self) -> tuple[int, ...]:
+    """Ids the tokenizer's post-processor puts before a text (e.g. `(bos,)`), else `()`."""
+    return self._prefix
 
   @property
   def _base_vocab_size(self) -> int:
@@ -141,24 +162,48 @@ class HFTokenizersVocabulary(seqio.Vocabulary):
 
   def __repr__(self) -> str:
     return (f"HFTokenizersVocabulary(size={self.vocab_size}, eos={self._eos}, "
-            f"bos={self._bos}, unk={self._unk})")
+            f"bos={self._bos}, unk={self._unk}, prefix={list(self._prefix)})")
 
 
-def start_id(vocab: seqio.Vocabulary) -> int:
-  """The id that starts every model sequence (prompts and packed segments).
+class SentencePieceVocabulary(seqio.SentencePieceVocabulary):
+  """seqio's SentencePiece vocabulary plus whether a BOS starts every text.
 
-  ByteVocabulary: 0 (SeqIO's decoder-BOS convention); otherwise the
-  vocabulary's BOS id when it has one (>= 0), else 0.
+  transformers 5 adds the BOS to a `tokenizer.model`-only checkpoint only when
+  tokenizer_config.json says `add_bos_token: true` (default false). The flag is
+  part of the state seqio compares and pickles.
+  """
+
+  def __init__(self, sentencepiece_model_file: str, *, add_bos: bool = False, **kwargs):
+    super().__init__(sentencepiece_model_file, **kwargs)
+    self._add_bos = bool(add_bos)
+
+  @property
+  def prefix_ids(self) -> tuple[int, ...]:
+    bos = self.tokenizer.bos_id()
+    return (int(bos),) if self._add_bos and bos >= 0 else ()
+
+
+def prompt_prefix(vocab: seqio.Vocabulary) -> tuple[int, ...]:
+  """The ids the checkpoint's tokenizer puts before every text: `(bos,)` or `()`.
+
+  - ByteVocabulary: `(0,)`, SeqIO's decoder-start id (the embedded demo's trained format).
+  - HFTokenizersVocabulary: the leading special tokens its post-processor adds
+    (`prefix_ids`), as `transformers.AutoTokenizer` on the same tokenizer.json or
+    GGUF does: `(bos,)` for a tokenizer that adds a BOS (Llama 2/3, SentencePiece
+    GGUFs), `()` for one that adds none (SmolLM2, Qwen2, GPT-2).
+  - SentencePieceVocabulary (ours): `(bos,)` when its tokenizer_config.json says
+    `add_bos_token: true`, else `()`; a plain seqio one: `()` (transformers' default).
   """
   if isinstance(vocab, seqio.ByteVocabulary):
-    return 0
-  try:
-    bos = vocab.bos_id
-  except NotImplementedError:
-    return 0
-  return int(bos) if bos is not None and int(bos) >= 0 else 0
+    return (0,)
+  return tuple(getattr(vocab, "prefix_ids", ()))
 
 
 def encode_prompt(vocab: seqio.Vocabulary, text: str) -> list[int]:
-  """`[start_id] + vocab.encode(text)`: what the sampler feeds the model."""
-  return [start_id(vocab)] + [int(i) for i in vocab.encode(text)]
+  """`prompt_prefix(vocab) + vocab.encode(text)`: what the sampler feeds the model.
+
+  Equal to the checkpoint's own tokenizer's ids for `text` (no start token the
+  tokenizer does not add itself), and to the start of every training segment
+  built from an example whose inputs are `text` (`features.pack_examples`).
+  """
+  return list(prompt_prefix(vocab)) + [int(i) for i in vocab.encode(text)]
