@@ -59,6 +59,7 @@ class Setting(rounds_lib.Pipeline):
                shared: dict[tuple[str, ...], str] | None = None):  # pylint: disable=super-init-not-called
     self.__dict__.update(study.__dict__)
     self.cfg, self.workdir, self.shared = cfg, study.path(name), shared or {}
+    self.view = name          # its stages are checked against its own config
 
   def path(self, *parts: str) -> str:
     for prefix, root in self.shared.items():
@@ -69,16 +70,19 @@ class Setting(rounds_lib.Pipeline):
 
 def direct_eval(p: rounds_lib.Pipeline, lm, out_path: str) -> dict:
   """Greedy accuracy with the direct prompt ("standard prompting"), cached in out_path."""
-  if distributed.agreed_exists(out_path):
+  st = p.stage(out_path, rounds_lib.EVAL_KEYS, exclude=rounds_lib.EVAL_EXCLUDE,
+               inputs=[p.origin(lm), p.exemplar_stage()])
+  if st.done:
     return fileio.read_json(out_path)
-  t0 = time.time()
+  st.begin(out_path)
   fmt = "few_shot_direct" if p.problem.exemplars is not None else "zero_shot_direct"
   qs = p.problem.eval
   s = p.eval_settings(0.0)
   prompts = [formats_lib.build_input(fmt, q["question"], p.problem.exemplars) for q in qs]
   _, _, ok = eval_lib.greedy(lm, p.vocab, qs, prompts, s, seed=p.cfg.seed)
-  res = {"prompt_format": fmt, "greedy_acc": float(np.mean(ok)), "wall_s": time.time() - t0}
+  res = {"prompt_format": fmt, "greedy_acc": float(np.mean(ok)), "wall_s": st.elapsed()}
   distributed.write_json(out_path, res)
+  st.finish(out_path, wall_s=res["wall_s"])
   return res
 
 
@@ -89,6 +93,8 @@ class _Study(abc.ABC):
   def __init__(self, cfg, workdir: str):
     self.cfg, self.workdir = cfg, workdir
     self.pipeline = rounds_lib.Pipeline(cfg, workdir)
+    for name, scfg, _ in self.settings():    # every setting's recorded stages, before any work
+      self.pipeline.store.check(scfg, view=name)
 
   @abc.abstractmethod
   def settings(self) -> list[tuple[str, object, dict]]:
@@ -119,8 +125,7 @@ class _Study(abc.ABC):
     main = next(iter(all_rounds)) if self.key == "strategies" else "all_four"
     rep = report_lib.build_report(
         self.cfg, base, all_rounds[main], None, None,
-        wall_s=(p.recorded_wall_s() + base_direct["wall_s"]
-                + sum(v["wall_s"] for v in table.values())),
+        wall_s=p.recorded_wall_s(),   # every stage once (the store's ledger)
         wall_s_this_invocation=time.time() - t0)
     rep.update(mode=self.cfg.mode, early_stop=table[main]["early_stop"])
     rep["base"]["direct_greedy_acc"] = base_direct["greedy_acc"]

@@ -16,7 +16,9 @@ mismatch names the parameter.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -60,16 +62,20 @@ def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
   return out
 
 
+class ShapeMismatch(ValueError):
+  """A checkpoint that does not fit the model (a config problem, not a damaged file)."""
+
+
 def check_shapes(saved, target, what: str = "parameter") -> None:
-  """Raises ValueError naming the first path whose shape (or presence) differs."""
+  """Raises ShapeMismatch naming the first path whose shape (or presence) differs."""
   have, want = flat_shapes(saved), flat_shapes(target)
   for path in sorted(set(have) | set(want)):
     if path not in have:
-      raise ValueError(f"{what} '{path}' (shape {want[path]}) is not in the checkpoint")
+      raise ShapeMismatch(f"{what} '{path}' (shape {want[path]}) is not in the checkpoint")
     if path not in want:
-      raise ValueError(f"checkpoint {what} '{path}' (shape {have[path]}) is not in the model")
+      raise ShapeMismatch(f"checkpoint {what} '{path}' (shape {have[path]}) is not in the model")
     if have[path] != want[path]:
-      raise ValueError(f"{what} '{path}' has shape {have[path]} in the checkpoint but "
+      raise ShapeMismatch(f"{what} '{path}' has shape {have[path]} in the checkpoint but "
                        f"{want[path]} in the model")
 
 
@@ -137,6 +143,45 @@ class Checkpointer:
     out = {k: r[k] for k in args}
     out["data"], out["meta"] = out["data"] or {}, out["meta"] or {}
     return out
+
+  def restore_latest(self, abstract_params, abstract_opt_state=None,
+                     desc: str = "checkpoint") -> tuple[int | None, dict[str, Any] | None]:
+    """(step, restored) of the newest step that restores; (None, None) when none does.
+
+    A step that fails to restore (a damaged or half-copied file; not a shape
+    mismatch, which is raised) is moved aside to `<directory>.corrupt/<step>`
+    (kept for inspection, out of Orbax's way) with one warning line, and the
+    next older step is tried.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return step, self.restore(step, abstract_params, abstract_opt_state)
+      except ShapeMismatch:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        older = [s for s in self.all_steps() if s < step]
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        logging.warning("%s: checkpoint step %d in %s is unreadable (%s); moved to %s.corrupt/; "
+                        "%s", desc, step, self.directory, why, self.directory,
+                        f"falling back to step {older[-1]}" if older else "no older step: "
+                        "starting from step 0")
+        self._move_aside(step)
+    return None, None
+
+  def _move_aside(self, step: int) -> None:
+    if jax.process_index() == 0:
+      src = os.path.join(self.directory, str(step))
+      dst = os.path.join(self.directory + ".corrupt", f"{step}.{int(time.time())}")
+      if fileio.is_remote(src):
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        tf.io.gfile.rename(src, dst)
+      else:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.replace(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+    self._mngr.reload()
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()

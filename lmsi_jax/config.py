@@ -172,8 +172,25 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(c.prompt_format not in formats_lib.FEW_SHOT_FORMATS or g.exemplars,
           "synthetic.num_exemplars", f"prompt_format={c.prompt_format!r} needs exemplars: set it "
           "> 0 or selfgen.exemplars=True")
-  check(c.eval.num_samples >= 1, "eval.num_samples", "must be >= 1")
-  check(c.eval.calibration_bins >= 1, "eval.calibration_bins", "must be >= 1")
+  check(c.sampling.top_k >= 0, "sampling.top_k", "must be >= 0 (0 = off)")
+  check(c.sampling.batch_size >= 1, "sampling.batch_size", "must be >= 1")
+  e = c.eval
+  check(e.num_samples >= 1, "eval.num_samples", "must be >= 1")
+  check(e.temperature >= 0, "eval.temperature", "must be >= 0")
+  check(e.base_temperature >= 0, "eval.base_temperature", "must be >= 0")
+  check(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+  check(e.top_k >= 0, "eval.top_k", "must be >= 0 (0 = off)")
+  check(e.max_decode_steps >= 1, "eval.max_decode_steps", "must be >= 1")
+  check(e.calibration_bins >= 1, "eval.calibration_bins", "must be >= 1")
+  check(c.train.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+  check(c.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+  check(c.base_train.batch_size >= 1, "base_train.batch_size", "must be >= 1")
+  check(c.train.data_shards >= 0, "train.data_shards", "must be >= 0 (0 = one per process)")
+  from lmsi_jax import optim  # pylint: disable=g-import-not-at-top
+  optim.train_config(c)         # every train.* value, named by its own key
+  if c.base_train.enabled:
+    check(c.base_train.num_steps >= 1, "base_train.num_steps", "must be >= 1 when enabled")
+    optim.train_config(c, base=True)
   _validate_w2s(c, check)
   check(c.data.source in ("jsonl", "tfds"), "data.source", "expected 'jsonl' or 'tfds'")
   check(c.data.on_error in ("raise", "skip"), "data.on_error", "expected 'raise' or 'skip'")

@@ -142,16 +142,20 @@ def write_json(path: str, obj) -> None:
     fileio.write_json_atomic(path, obj)
 
 
-def agreed_exists(path: str) -> bool:
-  """Whether `path` exists, as process 0 sees it, on every process.
+def agreed(value: int) -> int:
+  """Process 0's `value` (an int), on every process: the one multi-host agreement path.
 
   Stage-skipping decisions must be identical on all hosts, or one host would
   enter a collective (sampling, training) that the others skip.
   """
-  from lmsi_jax import fileio  # pylint: disable=g-import-not-at-top
-  found = fileio.exists(path) if is_main_process() else False
   if jax.process_count() == 1:
-    return found
+    return int(value)
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value if is_main_process() else 0)))
+
+
+def agreed_exists(path: str) -> bool:
+  """Whether `path` exists, as process 0 sees it, on every process (see `agreed`)."""
+  from lmsi_jax import fileio  # pylint: disable=g-import-not-at-top
+  return bool(agreed(int(fileio.exists(path)) if is_main_process() else 0))

@@ -1,10 +1,13 @@
 """Runs the LMSI self-improvement pipeline.
 
   python -m lmsi_jax.main --config=configs/demo.py[:smoke] --workdir=DIR [--config.a.b=value ...]
+                         [--restart_from=STAGE]
 
 Intentionally thin: `config.mode` picks the runner (lmsi_jax.modes; the LMSI
 pipeline is lmsi_jax.rounds, importable from a notebook). Re-running the same
-command resumes where a killed run stopped.
+command resumes where a killed or preempted run stopped; a changed config is
+refused (lmsi_jax/store.py) unless --restart_from names the first stage to
+redo (it and the stages recorded after it are removed first).
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/<name>.py[:variant]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (local path or gs://...).")
+_RESTART = flags.DEFINE_string(
+    "restart_from", "", "A stage of DIR/stages.json (e.g. round_1/train) to start over, with "
+    "every stage recorded after it; their files are removed first. Use once: a requeued "
+    "command that keeps the flag would start that stage over again.")
 
 
 def _quiet_orbax(record) -> bool:
@@ -50,16 +57,28 @@ def main(argv):
   logging.get_absl_logger().addFilter(_quiet_orbax)
   from lmsi_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from lmsi_jax import distributed  # pylint: disable=g-import-not-at-top
+  from lmsi_jax import train  # pylint: disable=g-import-not-at-top
   try:
     config_lib.validate(cfg)
     distributed.initialize(cfg.distributed)
     from lmsi_jax import modes  # pylint: disable=g-import-not-at-top
+    from lmsi_jax import store  # pylint: disable=g-import-not-at-top
+    # Lock, restart, check every recorded stage against cfg, record DIR/config.json.
+    store.open_store(_WORKDIR.value, cfg, restart_from=_RESTART.value)
     pipeline = modes.build(cfg, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
     print(f"lmsi_jax: error: {e}", file=sys.stderr)
     return 2
   logging.info("overrides: %s", config_flags.get_override_values(flags.FLAGS["config"]))
-  report = pipeline.run()
+  try:
+    with train.preemptible():    # SIGTERM/SIGINT: training saves its step, then exits here
+      report = pipeline.run()
+  except store.StoreError as e:
+    print(f"lmsi_jax: error: {e}", file=sys.stderr)
+    return 2
+  except train.Preempted as e:
+    print(f"lmsi_jax: {e}", file=sys.stderr)
+    return 128 + e.signum
   if distributed.is_main_process():
     from lmsi_jax import report as report_lib  # pylint: disable=g-import-not-at-top
     print(report_lib.to_markdown(report))

@@ -116,3 +116,26 @@ def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
     opt = optax.adafactor(sched, multiply_by_parameter_scale=False, clipping_threshold=None,
                           weight_decay_rate=tcfg.weight_decay or None, weight_decay_mask=mask)
   return optax.chain(optax.clip_by_global_norm(tcfg.clip_norm), opt) if tcfg.clip_norm else opt
+
+
+def train_config(cfg, base: bool = False) -> TrainConfig:
+  """The rounds' (or, with `base`, stage 0's) TrainConfig; a bad value names its own key."""
+  d = dict(cfg.train)
+  d.pop("data_shards")            # an input-pipeline setting (see Pipeline.train)
+  if base:
+    b = cfg.base_train
+    d.update(num_steps=b.num_steps, learning_rate=b.learning_rate, warmup_steps=b.warmup_steps,
+             schedule=b.schedule, batch_size=b.batch_size, weight_decay=b.weight_decay,
+             checkpoint_every=b.checkpoint_every or d["checkpoint_every"])
+  d["seed"] = cfg.seed
+  try:
+    return TrainConfig.from_dict(d)
+  except ValueError as e:
+    msg = str(e)
+    key = msg.split("=", 1)[0].split(":", 1)[0]
+    if base and key.startswith("train.") and key[6:] in (
+        "num_steps", "learning_rate", "warmup_steps", "schedule", "batch_size", "weight_decay",
+        "checkpoint_every"):
+      if key[6:] != "checkpoint_every" or cfg.base_train.checkpoint_every:
+        msg = "base_train." + msg[6:]
+    raise ValueError(f"config.{msg}") from None

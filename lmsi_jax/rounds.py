@@ -23,6 +23,7 @@ interrupted one (sampling per shard, training from its last checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -36,11 +37,13 @@ from lmsi_jax import distributed
 from lmsi_jax import early_stop as early_stop_lib
 from lmsi_jax import evaluate as eval_lib
 from lmsi_jax import fileio
+from lmsi_jax import optim
 from lmsi_jax import problems
 from lmsi_jax import pseudo_labels as pl
 from lmsi_jax import report as report_lib
 from lmsi_jax import selfgen
 from lmsi_jax import sharding
+from lmsi_jax import store as store_lib
 from lmsi_jax import train as train_lib
 from lmsi_jax.data import features
 from lmsi_jax.data import jsonl
@@ -48,44 +51,115 @@ from lmsi_jax.data import tasks
 from lmsi_jax.models_io import build_model
 
 
-def sum_recorded_wall_s(files) -> float:
-  """Total of the stage wall times recorded in those of `files` that exist."""
-  total = 0.0
-  for f in files:
-    if fileio.exists(f):
-      d = fileio.read_json(f)
-      total += d.get("wall_s", 0.0) + d.get("sample_wall_s", 0.0) + d.get("vote_wall_s", 0.0)
-  return total
+# What shapes each kind of stage (lmsi_jax/store.py: its fingerprint). Groups or dotted
+# keys; store.OPERATIONAL keys (logging, checkpoint cadence, mesh, ...) never count.
+PROBLEM = ("seed", "model", "task", "synthetic", "data")
+SEED_KEYS = ("seed", "task", "synthetic", "data", "formats")
+BASE_TRAIN_KEYS = ("seed", "model", "train", "base_train")
+BASE_TRAIN_EXCLUDE = tuple(f"train.{k}" for k in (      # base_train.* sets these
+    "num_steps", "learning_rate", "warmup_steps", "schedule", "batch_size", "weight_decay"))
+TRAIN_KEYS = ("seed", "model", "train", "rounds.pseudo_weight", "rounds.seed_weight",
+              "rounds.previous_weight")
+EVAL_KEYS = PROBLEM + ("prompt_format", "eval", "voting.fallback_last_number",
+                       "sampling.batch_size")
+EVAL_EXCLUDE = ("eval.oracle", "eval.control")
+SAMPLE_KEYS = PROBLEM + ("prompt_format", "sampling")
+VOTE_KEYS = ("task", "formats", "voting", "eval.calibration_bins")
+SELFGEN_QUESTION_KEYS = PROBLEM + ("prompt_format", "sampling", "voting", "selfgen")
+SELFGEN_EXEMPLAR_KEYS = ("seed", "model", "task", "synthetic", "data", "selfgen.exemplars",
+                         "selfgen.num_exemplars", "sampling.max_decode_steps",
+                         "sampling.batch_size")
+ARMS = ("oracle", "control")
 
 
-def _log_stage(name: str, t0: float) -> float:
-  dt = time.time() - t0
-  logging.info("stage %-24s done in %7.1f s", name, dt)
-  return dt
+def _ids_hash(questions) -> str:
+  return hashlib.sha256("\n".join(str(q["id"]) for q in questions).encode()).hexdigest()[:16]
+
+
+def _empty_split(cfg, split: str) -> str:
+  """Where a split's questions come from, for the "empty" error."""
+  if cfg.task.name == "synthetic":
+    return f"config.synthetic.{split}_n" if split == "eval" else "config.synthetic.pool_n"
+  d = cfg.data
+  name = d.eval_split if split == "eval" else d.pool_split
+  limit = f" (config.data.{split}_limit={d[split + '_limit']})" if d[split + "_limit"] else ""
+  src = os.path.join(d.dir, f"{name}.jsonl") if d.source == "jsonl" else f"TFDS gsm8k:{name}"
+  return f"{src}{limit}"
 
 
 @dataclasses.dataclass
 class Pipeline:
-  """State shared by the stages of one run (a notebook can drive it stage by stage)."""
+  """State shared by the stages of one run (a notebook can drive it stage by stage).
+
+  `restart_from`: a stage name (see DIR/stages.json) to start over with the stages after
+  it, as main.py's --restart_from. `store`/`view`: a runner driving several pipelines
+  (w2s) shares one store; `view` names the config they were checked against.
+  """
   cfg: object
   workdir: str
+  restart_from: str = ""
+  store: store_lib.Store | None = None
+  view: str = ""
 
   def __post_init__(self):
     cfg = self.cfg
+    if self.store is None:     # a fresh run fails here on a changed config: before any work
+      self.store = store_lib.open_store(self.workdir, cfg, restart_from=self.restart_from)
+    self.store.check(cfg, self.view)
     self.problem = problems.load_problem(cfg)
     self.mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
     self.base_lm, self.vocab = build_model(cfg, self.mesh)
     self.problem = self.fit_context(self.problem)
+    self._check_not_empty()
     self.vote_settings = pl.VoteSettings(
         cfg.task.answer_type, cfg.task.cue, cfg.task.stop, cfg.voting.min_vote_share,
         cfg.voting.max_paths, cfg.voting.dedup, cfg.voting.weighted,
         cfg.voting.fallback_last_number, cfg.task.extractor)
     self.seed_task = None
+    self._made_by: dict[int, tuple[object, str]] = {}   # id(lm) -> (lm, training stage)
+    self._task_stages: dict[str, list[str]] = {}         # task/mixture -> stages it reads
     fileio.makedirs(self.workdir)
+
+  def _check_not_empty(self):
+    c = self.cfg
+    skipped = lambda split: (" (every question was skipped, see above)" if sum(
+        (self.problem.skipped or {}).get(split, {}).values()) else "")
+    if not self.problem.eval:
+      why = skipped("eval")
+      raise ValueError(f"the eval set is empty: no questions from {_empty_split(c, 'eval')}"
+                       f"{why}; nothing to evaluate")
+    needs_pool = c.rounds.num_rounds > 0 or c.mode == "w2s"
+    if needs_pool and not self.problem.pool and not c.selfgen.questions:
+      why = skipped("pool")
+      raise ValueError(f"the pool is empty: no questions from {_empty_split(c, 'pool')}{why}; "
+                       "nothing to sample (config.rounds.num_rounds="
+                       f"{c.rounds.num_rounds})")
 
   # ------------------------------------------------------------------ helpers
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)
+
+  def stage(self, path: str, keys, *, exclude=(), inputs=(), extra=None) -> store_lib.Stage:
+    """The store's stage whose main output is `path` (its name: path relative to the run)."""
+    return self.store.stage(self.store.name_of(path), self.cfg, keys, exclude=exclude,
+                            inputs=inputs, extra=extra, view=self.view)
+
+  def origin(self, lm) -> str | None:
+    """The training stage that produced `lm` (None: the configured base weights)."""
+    made = self._made_by.get(id(lm))
+    return made[1] if made is not None and made[0] is lm else None
+
+  def task_stages(self, task) -> list[str]:
+    """The stages whose files a registered task or mixture reads."""
+    name = getattr(task, "name", task)
+    if name in self._task_stages:
+      return self._task_stages[name]
+    return [s for t in getattr(task, "tasks", ()) for s in self.task_stages(t)]
+
+  def exemplar_stage(self) -> str | None:
+    """The self-generated exemplars' stage, when prompts and formats use them."""
+    return (self.store.name_of(self.path("selfgen", "exemplars.json"))
+            if self.cfg.selfgen.exemplars else None)
 
   def prompts(self, questions) -> list[str]:
     return [problems.prompt_for(self.problem, q["question"], self.cfg.prompt_format)
@@ -106,21 +180,27 @@ class Pipeline:
         t.cue, t.stop, self.cfg.voting.fallback_last_number, t.extractor)
 
   def train_config(self, base: bool = False) -> train_lib.TrainConfig:
-    d = dict(self.cfg.train)
-    d.pop("data_shards")            # an input-pipeline setting (see Pipeline.train)
-    if base:
-      b = self.cfg.base_train
-      d.update(num_steps=b.num_steps, learning_rate=b.learning_rate, warmup_steps=b.warmup_steps,
-               schedule=b.schedule, batch_size=b.batch_size, weight_decay=b.weight_decay,
-               checkpoint_every=b.checkpoint_every or d["checkpoint_every"])
-    d["seed"] = self.cfg.seed
-    return train_lib.TrainConfig.from_dict(d)
+    return optim.train_config(self.cfg, base)
 
-  def register(self, name: str, path: str, records=None):
+  def register(self, name: str, path: str, records=None, stage: str | None = None):
     if records is not None and distributed.is_main_process():
       jsonl.write_jsonl_atomic(path, records)
     distributed.barrier(f"register {name}")   # every process reads the file process 0 wrote
+    producer = stage or self.store.producer(path)
+    self._task_stages[name] = [producer] if producer else []
     return tasks.register_task(name, path, self.vocab)
+
+  def _labels_stage(self, path: str, make_records, task_name: str, extra=None):
+    """A stage writing gold-labelled records (seed data, oracle labels) and its task."""
+    st = self.stage(path, SEED_KEYS, inputs=[self.exemplar_stage()], extra=extra)
+    recs = None
+    if not st.done:
+      st.begin(path)
+      recs = make_records()
+    task = self.register(task_name, path, recs, stage=st.name)
+    if not st.done:
+      st.finish(path)
+    return task
 
   # ------------------------------------------------------------------- stages
   def seed_data(self):
@@ -128,16 +208,28 @@ class Pipeline:
     if not self.problem.seed:
       return None
     path = self.path("data", "seed.jsonl")
-    recs = None if distributed.agreed_exists(path) else pl.gold_records(
-        self.problem.seed, exemplars=self.problem.exemplars, formats=self.cfg.formats,
-        round_index=0)
-    self.seed_task = self.register(tasks.seed_task_name(self.problem.name), path, recs)
+    st = self.stage(path, SEED_KEYS)      # the seed data keeps the task's own exemplars
+    recs = None
+    if not st.done:
+      st.begin(path)
+      recs = pl.gold_records(self.problem.seed, exemplars=self.problem.exemplars,
+                             formats=self.cfg.formats, round_index=0)
+    self.seed_task = self.register(tasks.seed_task_name(self.problem.name), path, recs,
+                                   stage=st.name)
+    if not st.done:
+      st.finish(path)
     return self.seed_task
 
   def train(self, lm, mixture, out_dir: str, *, base: bool = False, data_seed: int = 0,
-            loss_fn=None):
-    t0 = time.time()
+            loss_fn=None, extra_keys: tuple[str, ...] = ()):
     tcfg = self.train_config(base)
+    keys, exclude = ((BASE_TRAIN_KEYS, BASE_TRAIN_EXCLUDE) if base
+                     else (TRAIN_KEYS + tuple(extra_keys), ()))
+    st = self.stage(out_dir, keys, exclude=exclude,
+                    inputs=[self.origin(lm), *self.task_stages(mixture)],
+                    extra={"data_seed": data_seed})
+    if not st.done:
+      st.begin(out_dir)
     batches = features.GlobalBatches(
         mixture, tcfg.seq_len, tcfg.batch_size, seed=data_seed,
         num_shards=self.cfg.train.data_shards, process_index=jax.process_index(),
@@ -153,21 +245,35 @@ class Pipeline:
       logging.warning("%s: %d training example(s) were longer than train.seq_len=%d and lost "
                       "their end (the answer) to truncation; raise train.seq_len",
                       os.path.relpath(out_dir, self.workdir), cut, tcfg.seq_len)
-    done = os.path.join(out_dir, "done.json")
-    if not distributed.agreed_exists(done):
-      wall_s = _log_stage(os.path.relpath(out_dir, self.workdir), t0)
+    if not st.done:
+      done = os.path.join(out_dir, "done.json")
+      wall_s = st.elapsed()
       distributed.write_json(done, {"wall_s": wall_s, "num_steps": tcfg.num_steps,
                                     "num_truncated": cut})
+      st.finish(done, wall_s=wall_s)
+    self._made_by[id(lm)] = (lm, st.name)
     return lm
 
   def train_done(self, *train_dir: str) -> dict:
     """What the finished training stage in DIR/`train_dir` recorded (wall_s, num_truncated)."""
     return fileio.read_json(self.path(*train_dir, "done.json"))
 
+  def _eval_stage(self, lm, out_path: str, temperature: float, seed_offset: int):
+    rel = os.path.relpath(out_path, self.workdir)
+    base = rel == os.path.join("base", "eval.json")
+    exclude = EVAL_EXCLUDE + (("eval.temperature",) if base else ("eval.base_temperature",))
+    keys = EVAL_KEYS
+    if os.path.dirname(rel) in ARMS:     # an arm trains as many rounds as the LMSI run had
+      keys += ("rounds.num_rounds", "rounds.early_stop_patience")
+    return self.stage(out_path, keys, exclude=exclude,
+                      inputs=[self.origin(lm), self.exemplar_stage()],
+                      extra={"temperature": temperature, "seed_offset": seed_offset})
+
   def evaluate(self, lm, out_path: str, temperature: float, seed_offset: int) -> dict:
-    if distributed.agreed_exists(out_path):
+    st = self._eval_stage(lm, out_path, temperature, seed_offset)
+    if st.done:
       return fileio.read_json(out_path)
-    t0 = time.time()
+    st.begin(out_path)
     qs = self.problem.eval
     s = self.eval_settings(temperature)
     name = os.path.basename(os.path.dirname(out_path))
@@ -175,8 +281,9 @@ class Pipeline:
               disable=not distributed.is_main_process(), mininterval=2) as bar:
       res = eval_lib.evaluate(lm, self.vocab, qs, self.prompts(qs), s,
                               seed=self.cfg.seed * 7919 + seed_offset, progress=bar.update)
-    res["wall_s"] = _log_stage(os.path.relpath(out_path, self.workdir), t0)
+    res["wall_s"] = st.elapsed()
     distributed.write_json(out_path, res)
+    st.finish(out_path, wall_s=res["wall_s"])
     return res
 
   def sample(self, lm, questions, out_dir: str, seed: int, progress=None) -> list[dict]:
@@ -191,31 +298,51 @@ class Pipeline:
   def sample_and_vote(self, lm, r: int, source_step: int, questions=None) -> dict:
     """Stages sample → vote → pseudo-labels for round r (default questions: the pool)."""
     rdir = self.path(f"round_{r}")
-    summary_path = os.path.join(rdir, "vote_summary.json")
-    if distributed.agreed_exists(summary_path):
-      return fileio.read_json(summary_path)
-    t0 = time.time()
     c, qs = self.cfg, self.problem.pool if questions is None else questions
+    gen = self.store.name_of(os.path.join(rdir, "selfgen")) if c.selfgen.questions else None
+    samples_dir, seed = self.path(f"round_{r}", "samples"), c.seed * 1009 + r
+    sst = self.stage(samples_dir, SAMPLE_KEYS,
+                     inputs=[self.origin(lm), self.exemplar_stage(), gen],
+                     extra={"sample_seed": seed, "questions": _ids_hash(qs)})
+    if not sst.done:
+      sst.begin(samples_dir)
+    vst = None
+    if sst.done:
+      vst = self._vote_stage(rdir, sst, r, source_step)
+      if vst.done:
+        return fileio.read_json(os.path.join(rdir, "vote_summary.json"))
     s = c.sampling
     with tqdm(total=len(qs) * s.num_samples, desc=f"sample round {r}",
-              disable=not distributed.is_main_process(), mininterval=2) as bar:
-      samples = self.sample(lm, qs, self.path(f"round_{r}", "samples"), c.seed * 1009 + r,
-                            progress=bar.update)
-    t_sample = _log_stage(f"round_{r}/samples", t0)
-    t1 = time.time()
+              disable=not distributed.is_main_process() or sst.done, mininterval=2) as bar:
+      samples = self.sample(lm, qs, samples_dir, seed, progress=bar.update)
+    if not sst.done:
+      shards = [os.path.join(samples_dir, f) for f in fileio.listdir(samples_dir)
+                if f.startswith("shard_")] if distributed.is_main_process() else []
+      sst.finish(*shards)
+      vst = self._vote_stage(rdir, sst, r, source_step)
+    vst.begin(*(os.path.join(rdir, n) for n in ("votes.jsonl", "pseudo_labels.jsonl",
+                                               "vote_summary.json")))
     labels, votes = pl.vote_pool(samples, qs, self.vote_settings, exemplars=self.problem.exemplars,
                                  formats=c.formats, round_index=r, source_step=source_step)
     if not labels:
       logging.warning("round %d: voting kept no path (no parseable answer in any sample); "
                       "the round trains on the rest of its mixture", r)
+    outs = [os.path.join(rdir, n) for n in ("votes.jsonl", "pseudo_labels.jsonl",
+                                           "vote_summary.json")]
     if distributed.is_main_process():
-      jsonl.write_jsonl_atomic(os.path.join(rdir, "votes.jsonl"), votes)
-      jsonl.write_jsonl_atomic(os.path.join(rdir, "pseudo_labels.jsonl"), labels)
+      jsonl.write_jsonl_atomic(outs[0], votes)
+      jsonl.write_jsonl_atomic(outs[1], labels)
     summary = pl.summarize_votes(votes, c.eval.calibration_bins)
-    summary.update(num_records=len(labels), sample_wall_s=t_sample,
-                   vote_wall_s=_log_stage(f"round_{r}/vote", t1))
-    distributed.write_json(summary_path, summary)
+    summary.update(num_records=len(labels), sample_wall_s=self.store.wall_s([sst.name]),
+                   vote_wall_s=vst.elapsed())
+    distributed.write_json(outs[2], summary)
+    vst.finish(*outs, wall_s=summary["vote_wall_s"])
     return summary
+
+  def _vote_stage(self, rdir: str, sst, r: int, source_step: int) -> store_lib.Stage:
+    return self.stage(os.path.join(rdir, "vote"), VOTE_KEYS,
+                      inputs=[sst.name, self.exemplar_stage()],
+                      extra={"round": r, "source_step": source_step})
 
   def mixture(self, arm: str, r: int, round_tasks: list) -> object:
     """Round r's training mixture: latest labels, earlier rounds, seed data."""
@@ -231,18 +358,13 @@ class Pipeline:
       raise ValueError(f"round {r} ({arm}): nothing to train on: no pseudo-labels (no sample "
                        "reached an answer; see round_*/vote_summary.json) and no seed data, or "
                        "rounds.pseudo_weight and rounds.seed_weight are both 0")
-    return tasks.register_mixture(f"lmsi_{self.problem.name}_{arm}_round_{r}_mix", parts)
+    name = f"lmsi_{self.problem.name}_{arm}_round_{r}_mix"
+    self._task_stages[name] = [s for t, _ in parts for s in self.task_stages(t)]
+    return tasks.register_mixture(name, parts)
 
   def recorded_wall_s(self) -> float:
-    """Sum of every stage's recorded wall time (survives resumes)."""
-    files = [self.path("base", "train", "done.json"), self.path("base", "eval.json"),
-             self.path("selfgen", "exemplars.json")]
-    for r in range(1, self.cfg.rounds.num_rounds + 1):
-      files += [self.path(f"round_{r}", n) for n in ("vote_summary.json", "train/done.json",
-                                                     "eval.json", "selfgen/summary.json")]
-      files += [self.path(arm, f"round_{r}", "train", "done.json") for arm in ("oracle", "control")]
-    files += [self.path(arm, "eval.json") for arm in ("oracle", "control")]
-    return sum_recorded_wall_s(files)
+    """Sum of every finished stage's recorded wall time (the store's ledger; survives resumes)."""
+    return self.store.wall_s()
 
   # --------------------------------------------------------------------- runs
   def run_lmsi(self, base_lm, base_steps: int, base_greedy_acc: float) -> list[dict]:
@@ -263,7 +385,8 @@ class Pipeline:
       init = current if cont else base_lm
       step = (step if cont else base_steps) + self.cfg.train.num_steps
       current = self.train(init, self.mixture("lmsi", r, round_tasks),
-                           self.path(f"round_{r}", "train"), data_seed=self.cfg.seed + 1000 * r)
+                           self.path(f"round_{r}", "train"), data_seed=self.cfg.seed + 1000 * r,
+                           extra_keys=("rounds.init",) if r > 1 else ())
       ev = self.evaluate(current, self.path(f"round_{r}", "eval.json"), self.cfg.eval.temperature, r)
       done = self.train_done(f"round_{r}", "train")
       rounds.append({"round": r, "greedy_acc": ev["greedy_acc"], "sc_acc": ev["sc_acc"],
@@ -295,14 +418,17 @@ class Pipeline:
     current, round_tasks = base_lm, []
     for r in range(1, num_rounds + 1):
       if arm == "oracle":
-        path = self.path("oracle", f"round_{r}", "labels.jsonl")
-        recs = None if distributed.agreed_exists(path) else pl.gold_records(
-            problems.with_gold_cot(self.problem, self.problem.pool, seed=self.cfg.seed + r),
-            exemplars=self.problem.exemplars, formats=self.cfg.formats, round_index=r)
-        round_tasks.append(self.register(f"lmsi_{self.problem.name}_oracle_round_{r}", path, recs))
+        round_tasks.append(self._labels_stage(
+            self.path("oracle", f"round_{r}", "labels.jsonl"),
+            lambda r=r: pl.gold_records(
+                problems.with_gold_cot(self.problem, self.problem.pool, seed=self.cfg.seed + r),
+                exemplars=self.problem.exemplars, formats=self.cfg.formats, round_index=r),
+            f"lmsi_{self.problem.name}_oracle_round_{r}",
+            extra={"round": r, "questions": _ids_hash(self.problem.pool)}))
       init = current if self.cfg.rounds.init == "continue" else base_lm
       current = self.train(init, self.mixture(arm, r, round_tasks),
-                           self.path(arm, f"round_{r}", "train"), data_seed=self.cfg.seed + 1000 * r)
+                           self.path(arm, f"round_{r}", "train"), data_seed=self.cfg.seed + 1000 * r,
+                           extra_keys=("rounds.init",) if r > 1 else ())
     res = self.evaluate(current, self.path(arm, "eval.json"), self.cfg.eval.temperature, 100)
     train_s = sum(self.train_done(arm, f"round_{r}", "train")["wall_s"]
                   for r in range(1, num_rounds + 1))

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -116,14 +115,17 @@ def diagnostic_gold(problem_name: str, question: str) -> str | None:
 
 def generate_questions(p, lm, r: int) -> tuple[list[dict], dict]:
   """Round r's kept self-generated questions (pool records) and the stage summary."""
+  from lmsi_jax import rounds  # pylint: disable=g-import-not-at-top
   g, c = p.cfg.selfgen, p.cfg
   d = p.path(f"round_{r}", "selfgen")
   q_path, sum_path = os.path.join(d, "questions.jsonl"), os.path.join(d, "summary.json")
-  if distributed.agreed_exists(sum_path):
-    return jsonl.read_jsonl(q_path), fileio.read_json(sum_path)
-  t0 = time.time()
   cand_path = os.path.join(d, "candidates.jsonl")
-  if distributed.agreed_exists(cand_path):
+  st = p.stage(d, rounds.SELFGEN_QUESTION_KEYS, exclude=("selfgen.exemplars", "selfgen.num_exemplars"),
+               inputs=[p.origin(lm), p.exemplar_stage()], extra={"round": r})
+  if st.done:
+    return jsonl.read_jsonl(q_path), fileio.read_json(sum_path)
+  st.begin(d)
+  if distributed.agreed_exists(cand_path):    # a killed run of this same stage wrote them
     cands = jsonl.read_jsonl(cand_path)
   else:
     rng = np.random.default_rng([c.seed, r, 31])
@@ -155,12 +157,13 @@ def generate_questions(p, lm, r: int) -> tuple[list[dict], dict]:
              "num_new": len(new), "num_kept": len(kept),
              "mean_vote_share": float(np.mean([v["share"] for v in votes])) if votes else None,
              "kept_precision": float(np.mean(scored)) if scored else None,
-             "wall_s": time.time() - t0}
+             "wall_s": st.elapsed()}
   logging.info("round %d: self-generated %d questions, %d new, %d kept (vote share >= %.2f)",
                r, len(cands), len(new), len(kept), g.min_vote_share)
   if distributed.is_main_process():
     jsonl.write_jsonl_atomic(q_path, kept)
   distributed.write_json(sum_path, summary)
+  st.finish(cand_path, q_path, sum_path, wall_s=summary["wall_s"])
   return kept, summary
 
 
@@ -188,11 +191,14 @@ def exemplar_pairs(questions: Sequence[str], texts: Sequence[str], s: pl.VoteSet
 
 def generate_exemplars(p, lm) -> formats_lib.Exemplars:
   """The model's greedy zero-shot CoT answers as few-shot exemplars (cached on disk)."""
+  from lmsi_jax import rounds  # pylint: disable=g-import-not-at-top
   path = p.path("selfgen", "exemplars.json")
-  if distributed.agreed_exists(path):
+  st = p.stage(path, rounds.SELFGEN_EXEMPLAR_KEYS, inputs=[p.origin(lm)])
+  if st.done:
     d = fileio.read_json(path)
     return formats_lib.Exemplars(d["cot"], d["standard"])
-  t0, c, n = time.time(), p.cfg, p.cfg.selfgen.num_exemplars
+  st.begin(path)
+  c, n = p.cfg, p.cfg.selfgen.num_exemplars
   order = np.random.default_rng([c.seed, 47]).permutation(len(p.problem.pool))
   qs = [p.problem.pool[i]["question"] for i in order[:EXEMPLAR_TRIES * n]]
   prompts = [formats_lib.build_input("zero_shot_cot", q) for q in qs]
@@ -209,6 +215,6 @@ def generate_exemplars(p, lm) -> formats_lib.Exemplars:
                     len(pairs), len(qs), len(pairs))
   ex = formats_lib.exemplars_from_pairs(pairs)
   distributed.write_json(path, {"pairs": [list(x) for x in pairs], "cot": ex.cot, "standard": ex.standard,
-                     "tried": len(qs), "wall_s": time.time() - t0})
-  distributed.barrier("selfgen exemplars")
+                     "tried": len(qs), "wall_s": st.elapsed()})
+  st.finish(path)
   return ex

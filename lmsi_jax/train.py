@@ -16,7 +16,9 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -49,6 +51,57 @@ class LossContext:
 
 
 LossFn = Callable[[jax.Array, Batch, LossContext], tuple]
+
+
+# ------------------------------------------------------------------ preemption
+class Preempted(Exception):
+  """SIGTERM/SIGINT stopped the run (after training saved its current step)."""
+
+  def __init__(self, signum: int, msg: str):
+    super().__init__(msg)
+    self.signum = signum
+
+
+class _Signals:
+  received = 0          # the first SIGTERM/SIGINT seen while a training loop runs
+  training = 0          # nesting depth of running training loops
+
+
+def _handler(signum, frame):
+  del frame
+  name = signal.Signals(signum).name
+  if _Signals.training and not _Signals.received:
+    _Signals.received = signum        # the loop saves this step, then raises Preempted
+    logging.warning("%s received: saving a checkpoint at the current step", name)
+    return
+  raise Preempted(signum, f"preempted by {name}: finished stages, checkpoints and sample "
+                          "shards are kept; rerun the same command to resume")
+
+
+@contextlib.contextmanager
+def preemptible():
+  """SIGTERM and SIGINT raise `Preempted`: at once outside a training loop, and inside
+  one after it saved a checkpoint at its current step. Main thread only (elsewhere a no-op)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  old = {s: signal.signal(s, _handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+    if not any(h is _handler for h in old.values()):
+      _Signals.received = 0
+
+
+def _stop_requested() -> int:
+  """The signal to stop on (0: none), agreed by every process (one allgather per step when
+  there are several: a host that saved alone would leave the others in a collective)."""
+  sig = _Signals.received
+  if jax.process_count() > 1:
+    sig = int(np.max(multihost_utils.process_allgather(np.array([sig], np.int32))))
+  return sig
 
 
 def cross_entropy_loss(logits, batch: Batch, ctx: LossContext | None = None):
@@ -237,14 +290,17 @@ def train(lm: model_lib.LM, batches: Iterable[Batch], tcfg: TrainConfig, workdir
       raise ValueError(f"{workdir} has a checkpoint at step {start} beyond "
                        f"train.num_steps={tcfg.num_steps}")
     if start == tcfg.num_steps:
-      logging.info("%s: checkpoint at step %d exists; skipping training", desc, start)
-      return done(ckpt.restore(start, step_fn.abstract_params)["params"])
+      start, r = ckpt.restore_latest(step_fn.abstract_params, desc=desc)
+      if start == tcfg.num_steps:
+        logging.info("%s: checkpoint at step %d exists; skipping training", desc, start)
+        return done(r["params"])
     meta = {"config": config_json, "model_config": dataclasses.asdict(lm.cfg),
             "train_config": dataclasses.asdict(tcfg)}
+    if start is not None:     # the newest step that restores (a damaged one is moved aside)
+      start, r = ckpt.restore_latest(step_fn.abstract_params, step_fn.abstract_opt_state, desc)
     if start is None:
       start, params, opt_state = 0, lm.state, step_fn.init(lm.state)
     else:
-      r = ckpt.restore(start, step_fn.abstract_params, step_fn.abstract_opt_state)
       params, opt_state = r["params"], r["opt_state"]
       if r["meta"].get("train_config") not in (None, meta["train_config"]):
         logging.warning("%s: resuming with a train config that differs from the checkpoint's",
@@ -288,17 +344,26 @@ def train(lm: model_lib.LM, batches: Iterable[Batch], tcfg: TrainConfig, workdir
                        i + 1, tcfg.num_steps, m["loss"], m["learning_rate"], m["grad_norm"], rate)
           bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
 
+    stack.enter_context(preemptible())
+    _Signals.training += 1
+    stack.callback(lambda: setattr(_Signals, "training", _Signals.training - 1))
     for i in range(start, tcfg.num_steps):
       batch = step_fn.put_batch(next(batches))
       params, opt_state, metrics = step_fn(params, opt_state, batch, i)
       pending.append((i, metrics))
       check(i - 1)  # one step behind: the host prepares the next batch while this one runs
       s = i + 1
-      if s % tcfg.checkpoint_every == 0 or s == tcfg.num_steps:
+      stop = _stop_requested()
+      if s % tcfg.checkpoint_every == 0 or s == tcfg.num_steps or stop:
         check(i)    # never save a state whose loss was not finite
         if not ckpt.save(s, params, opt_state, _data_state(batches), {**meta, "step": s}):
           raise RuntimeError(f"{desc}: checkpoint save for step {s} was refused by Orbax")
         last_good = s
+      if stop:
+        ckpt.wait()
+        raise Preempted(stop, f"preempted by {signal.Signals(stop).name}: {desc} saved a "
+                              f"checkpoint at step {s} of {tcfg.num_steps} in "
+                              f"{ckpt.directory}; rerun the same command to resume")
     check(tcfg.num_steps)
   return done(params)
 

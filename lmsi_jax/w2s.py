@@ -39,8 +39,12 @@ from lmsi_jax import problems
 from lmsi_jax import pseudo_labels as pl
 from lmsi_jax import report as report_lib
 from lmsi_jax import rounds
+from lmsi_jax import store as store_lib
 from lmsi_jax.data import tasks
 
+# What shapes a student fine-tune besides the rounds' training keys (store fingerprints).
+W2S_TRAIN_KEYS = ("w2s.replay_weight", "w2s.conf_alpha_max", "w2s.conf_warmup_frac",
+                  "w2s.conf_threshold")
 EVAL_KEYS = ("greedy_acc", "sc_acc", "greedy_parse_rate", "mean_vote_share", "wall_s")
 
 
@@ -76,8 +80,11 @@ class W2S:
                                               warmup_frac=w.conf_warmup_frac,
                                               threshold=w.conf_threshold)
                    for name in w.losses}
-    self.teacher = rounds.Pipeline(teacher_config(cfg), os.path.join(workdir, "w2s", "teacher"))
-    self.student = rounds.Pipeline(student_config(cfg), os.path.join(workdir, "w2s", "student"))
+    self.store = store_lib.open_store(workdir, cfg)      # one store for both pipelines
+    self.teacher = rounds.Pipeline(teacher_config(cfg), os.path.join(workdir, "w2s", "teacher"),
+                                   store=self.store, view="teacher")
+    self.student = rounds.Pipeline(student_config(cfg), os.path.join(workdir, "w2s", "student"),
+                                   store=self.store, view="student")
     self.easy = easy_seed(self.student.problem)
     if (w.pretrain_steps or w.replay_weight) and not self.easy:
       raise ValueError("config.w2s.pretrain_steps / w2s.replay_weight need easy seed data "
@@ -94,8 +101,7 @@ class W2S:
 
   def _task(self, name: str, path: str, make_records):
     s = self.student
-    recs = None if distributed.agreed_exists(path) else make_records()
-    return s.register(f"lmsi_{s.problem.name}_w2s_{name}", path, recs)
+    return s._labels_stage(path, make_records, f"lmsi_{s.problem.name}_w2s_{name}")  # pylint: disable=protected-access
 
   def pretrain_student(self):
     """Student stage 0 on the easy seed data (if any steps), and its evaluation."""
@@ -121,7 +127,7 @@ class W2S:
       parts.append((self.pretrain_task, cfg.w2s.replay_weight))
     mix = tasks.register_mixture(f"lmsi_{s.problem.name}_w2s_{arm}_mix", parts)
     out = s.train(lm, mix, s.path(arm, "train"), data_seed=cfg.seed + 1000,
-                  loss_fn=self.losses.get(loss_name))
+                  loss_fn=self.losses.get(loss_name), extra_keys=W2S_TRAIN_KEYS)
     # one sampling seed for every student evaluation: common random numbers
     return s.evaluate(out, s.path(arm, "eval.json"), cfg.eval.temperature, 100)
 
@@ -176,14 +182,8 @@ class W2S:
     }
 
   def recorded_wall_s(self) -> float:
-    """Sum of the recorded stage times under DIR/w2s (survives resumes)."""
-    t, s = self.teacher, self.student
-    files = [t.path("base", "train", "done.json"), t.path("base", "eval.json"),
-             t.path("round_1", "vote_summary.json"), s.path("pretrain", "train", "done.json"),
-             s.path("pretrain", "eval.json")]
-    for arm in ["ceiling"] + [f"w2s_{n}" for n in self.cfg.w2s.losses]:
-      files += [s.path(arm, "train", "done.json"), s.path(arm, "eval.json")]
-    return rounds.sum_recorded_wall_s(files)
+    """Sum of the recorded stage times of this run (the store's ledger; survives resumes)."""
+    return self.store.wall_s()
 
 
 def _model_name(cfg) -> str:

@@ -156,6 +156,83 @@ def test_resume_after_sigkill_in_sampling_and_training(smoke, tmp_path):
         assert f1.read() == f2.read(), (r, name)
 
 
+def _digest(root):
+  """Every file under root (but the lock) -> its bytes' hash: what a refusal must not touch."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      if f != ".lock":
+        with open(os.path.join(d, f), "rb") as fh:
+          out[os.path.relpath(os.path.join(d, f), root)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+def _one_error_line(p):
+  assert p.returncode == 2, p.stderr[-3000:]
+  err = [l for l in p.stderr.splitlines() if l.startswith("lmsi_jax: error:")]
+  assert len(err) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+  return err[0]
+
+
+@pytest.mark.slow
+def test_changed_config_on_resume_is_refused_then_restart_redoes_that_stage(smoke, tmp_path):
+  """A finished workdir re-run with a changed config: one line naming the stage and the key,
+  nothing touched; --restart_from redoes that stage and the ones after it, reusing the rest."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  ref_dir, ref = smoke
+  workdir = str(tmp_path / "run")
+  shutil.copytree(ref_dir, workdir)
+  before = _digest(workdir)
+  change = "--config.rounds.early_stop_patience=5"      # shapes only the arms' evaluations
+  p = subprocess.run(SMOKE + [f"--workdir={workdir}", change], cwd=REPO, env=_env(),
+                     capture_output=True, text=True, timeout=300)
+  line = _one_error_line(p)
+  assert line == (f"lmsi_jax: error: stage oracle/eval in {workdir} was made with another "
+                  "config: rounds.early_stop_patience 0 -> 5; rerun with "
+                  "--restart_from=oracle/eval to start it and the stages after it over")
+  assert _digest(workdir) == before
+  _run(workdir, change, "--restart_from=oracle/eval")
+  with open(os.path.join(workdir, "report.json")) as f:
+    rep = json.load(f)
+  for a, b in zip(ref["rounds"], rep["rounds"]):
+    assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
+  for arm in ("base", "oracle", "control"):
+    assert (rep[arm]["greedy_acc"], rep[arm]["sc_acc"]) == (ref[arm]["greedy_acc"], ref[arm]["sc_acc"])
+  after = _digest(workdir)
+  for rel, h in before.items():       # the stages before oracle/eval were reused untouched
+    if rel.startswith(("round_", "base/", "data/", "oracle/round_")) and "/tb/" not in rel:
+      assert after.get(rel) == h, rel
+  with open(os.path.join(workdir, "stages.json")) as f:
+    stages = json.load(f)["stages"]
+  assert stages["oracle/eval"]["config"]["rounds.early_stop_patience"] == 5
+  assert list(stages)[-3:] == ["control/round_1/train", "control/round_2/train", "control/eval"]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["rounds"]["early_stop_patience"] == 5
+
+
+@pytest.mark.slow
+def test_truncated_stage_output_is_refused_naming_the_file(smoke, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  ref_dir, _ = smoke
+  workdir = str(tmp_path / "run")
+  shutil.copytree(ref_dir, workdir)
+  path = os.path.join(workdir, "round_1", "pseudo_labels.jsonl")
+  with open(path) as f:
+    lines = f.readlines()
+  with open(path, "w") as f:
+    f.writelines(lines[:-1])                          # lost its last line after it was written
+  before = _digest(workdir)
+  p = subprocess.run(SMOKE + [f"--workdir={workdir}"], cwd=REPO, env=_env(), capture_output=True,
+                     text=True, timeout=300)
+  line = _one_error_line(p)
+  assert line.startswith(f"lmsi_jax: error: {path} has {len(lines) - 1} lines (sha256 ")
+  assert f"but stage round_1/vote recorded {len(lines)} (sha256 " in line
+  assert line.endswith("it changed after it was written; restore it or rerun with "
+                       "--restart_from=round_1/vote to start it and the stages after it over")
+  assert _digest(workdir) == before
+
+
 @pytest.mark.parametrize("override,msg", [
     ("--config.sampling.num_sample=3", 'Did you mean "num_samples"'),
     ("--config.sampling.num_samples=abc", "invalid literal for int()"),

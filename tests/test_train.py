@@ -230,3 +230,76 @@ def test_sigkill_mid_run_then_resume_matches(straight, tmp_path):
   assert done.returncode == 0, done.stderr.decode()[-3000:]
   with np.load(tmp_path / "out.npz") as f:
     _assert_same(dict(f), straight[2])
+
+
+def _damage_step(workdir, step):
+  """Overwrites every array file of a checkpoint step's params with garbage (a bad disk,
+  a half-copied directory): Orbax still lists the step, restoring it fails."""
+  d = os.path.join(workdir, "checkpoints", str(step), "params")
+  n = 0
+  for root, _, files in os.walk(d):
+    for f in files:
+      if not f.startswith("_"):          # keep Orbax's metadata: the step stays listed
+        with open(os.path.join(root, f), "r+b") as fh:
+          size = os.path.getsize(fh.name)
+          fh.write(b"\x00garbage" * (size // 8 + 1))
+        n += 1
+  assert n, os.listdir(d)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_older_one(straight, tmp_path, caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "w")
+  shutil.copytree(straight[0], workdir)
+  _damage_step(workdir, 20)
+  with caplog.at_level(logging.WARNING):
+    resumed = tw.run(workdir)                 # the newest step is damaged: resume from 10
+  warn = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+  assert len(warn) == 1 and "\n" not in warn[0], warn
+  assert "checkpoint step 20 in " in warn[0] and "falling back to step 10" in warn[0]
+  _assert_same(tw.flat_params(resumed.state), straight[2])
+  assert ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [10, 20]
+  kept = os.listdir(os.path.join(workdir, "checkpoints.corrupt"))   # moved aside, not deleted
+  assert len(kept) == 1 and kept[0].startswith("20.")
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_saves_the_step_then_resume_matches(straight, tmp_path):
+  """SIGTERM (how TPU VMs and SLURM preempt) between checkpoints: the current step is saved,
+  one line, exit 143; the re-run resumes there and ends with the uninterrupted params."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  cmd = [sys.executable, os.path.join(REPO, "tests", "train_worker.py"), str(tmp_path / "w"),
+         str(tmp_path / "out.npz"), "0.3"]
+  first = tmp_path / "w" / "checkpoints" / "10" / "commit_success.txt"
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 300   # a loaded 2-core machine compiles slowly
+    while not first.exists():
+      assert proc.poll() is None, proc.stderr.read()[-3000:]
+      assert time.time() < deadline, "worker wrote no checkpoint"
+      time.sleep(0.05)
+    time.sleep(1.0)                             # a few steps past the periodic checkpoint
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+  lines = [l for l in err.splitlines() if l.startswith("lmsi_jax:")]
+  assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+  steps = ckpt_lib.Checkpointer(str(tmp_path / "w" / "checkpoints")).all_steps()
+  saved = max(steps)
+  assert 10 < saved < 20, steps
+  assert lines[0] == (f"lmsi_jax: preempted by SIGTERM: train saved a checkpoint at step {saved} "
+                      f"of 20 in {tmp_path / 'w' / 'checkpoints'}; rerun the same command to "
+                      "resume")
+  assert not (tmp_path / "out.npz").exists()
+  done = subprocess.run(cmd[:-1], env=env, capture_output=True, timeout=180)
+  assert done.returncode == 0, done.stderr.decode()[-3000:]
+  with np.load(tmp_path / "out.npz") as f:
+    _assert_same(dict(f), straight[2])

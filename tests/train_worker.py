@@ -2,7 +2,7 @@
 
   python tests/train_worker.py WORKDIR OUT.npz [STEP_DELAY_S]
 trains `TCFG` in WORKDIR (resuming if it has a checkpoint) and writes the
-final params to OUT.npz.
+final params to OUT.npz. Preempted (SIGTERM/SIGINT): one line, exit 128 + signal.
 """
 from __future__ import annotations
 
@@ -81,6 +81,11 @@ if __name__ == "__main__":
   sys.modules.setdefault("torch", None)  # tensorboardX imports torch if it can (~5 s); not needed
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_num_cpu_devices", 8)
-  out = run(sys.argv[1], delay_s=float(sys.argv[3]) if len(sys.argv) > 3 else 0.0)
+  from lmsi_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  try:
+    out = run(sys.argv[1], delay_s=float(sys.argv[3]) if len(sys.argv) > 3 else 0.0)
+  except train_lib.Preempted as e:
+    print(f"lmsi_jax: {e}", file=sys.stderr)
+    sys.exit(128 + e.signum)
   np.savez(sys.argv[2] + ".tmp.npz", **flat_params(out.state))
   os.replace(sys.argv[2] + ".tmp.npz", sys.argv[2])
