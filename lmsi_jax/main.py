@@ -1,6 +1,7 @@
 """Runs the LMSI self-improvement pipeline.
 
   python -m lmsi_jax.main --config=configs/demo.py[:smoke] --workdir=DIR [--config.a.b=value ...]
+  python -m lmsi_jax.main --config=configs/demo.py --workdir=DIR --seeds=0-4   # DIR/seed_<s>/ each
 
 Intentionally thin: `config.mode` picks the runner (lmsi_jax.modes; the LMSI
 pipeline is lmsi_jax.rounds, importable from a notebook). Re-running the same
@@ -22,6 +23,9 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/<name>.py[:variant]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (local path or gs://...).")
+_SEEDS = flags.DEFINE_string(
+    "seeds", None, "Run the config once per seed ('0-4' or '0,1,2'), each in WORKDIR/seed_<s>/, "
+    "then write WORKDIR/aggregate.{json,md} and accuracy.png (mean ± sd; lmsi_jax/multiseed.py).")
 
 
 def _quiet_orbax(record) -> bool:
@@ -50,15 +54,22 @@ def main(argv):
   logging.get_absl_logger().addFilter(_quiet_orbax)
   from lmsi_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from lmsi_jax import distributed  # pylint: disable=g-import-not-at-top
+  from lmsi_jax import multiseed  # pylint: disable=g-import-not-at-top
   try:
     config_lib.validate(cfg)
+    seeds = multiseed.parse_seeds(_SEEDS.value) if _SEEDS.value is not None else None
     distributed.initialize(cfg.distributed)
     from lmsi_jax import modes  # pylint: disable=g-import-not-at-top
-    pipeline = modes.build(cfg, _WORKDIR.value)
+    pipeline = None if seeds else modes.build(cfg, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
     print(f"lmsi_jax: error: {e}", file=sys.stderr)
     return 2
   logging.info("overrides: %s", config_flags.get_override_values(flags.FLAGS["config"]))
+  if seeds:
+    agg = multiseed.run_seeds(cfg, _WORKDIR.value, seeds)
+    if distributed.is_main_process():
+      print(multiseed.to_markdown(agg))
+    return 0
   report = pipeline.run()
   if distributed.is_main_process():
     from lmsi_jax import report as report_lib  # pylint: disable=g-import-not-at-top
