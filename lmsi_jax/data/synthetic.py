@@ -184,20 +184,23 @@ def make_drill(seed: int, n: int, num_terms: NumTerms, *, split_name: str,
                exclude: set[str] | None = None) -> list[dict]:
   """`n` labeled drill records; questions may repeat, each with its own gold order.
 
-  Unlike `make_split`, term counts cycle evenly over the range (record i has
-  ``lo + i % (hi - lo + 1)`` terms) and a question may be drawn again: there are
-  only 81 two-term questions, so a drill of tens of thousands of sums repeats
-  them, each time with a fresh random summation order (many paths per question,
-  as the rounds' samples have). Questions in `exclude` are redrawn.
+  Each record is a question drawn uniformly from all questions with `num_terms`
+  terms (so a count k is drawn in proportion to the 9^k questions that have
+  it: longer sums dominate, as they do among distinct questions), with a fresh
+  random summation order. Unlike `make_split`, a question may come back: a
+  drill of tens of thousands of sums repeats questions with other orders (many
+  paths per question, as the rounds' samples have). Questions in `exclude` are
+  redrawn.
   """
   lo, hi = _terms_range(num_terms)
+  counts = np.array([float(MAX_TERM - MIN_TERM + 1) ** k for k in range(lo, hi + 1)])
   rng = np.random.default_rng(seed)
+  ks = lo + rng.choice(hi - lo + 1, size=n, p=counts / counts.sum())
   blocked = set(exclude or ())
   records = []
-  for i in range(n):
-    k = lo + i % (hi - lo + 1)
+  for i, k in enumerate(ks):
     for _ in range(1000):
-      terms = make_question(rng, k)
+      terms = make_question(rng, int(k))
       if question_text(terms) not in blocked:
         break
     else:
