@@ -23,30 +23,34 @@ def get_config(arg: str | None = None):
   c.seed = 0
   c.model.preset = "tiny"
   c.task.name = "synthetic"
-  c.synthetic.update(seed_easy_n=3000, seed_easy_terms=(2, 4), seed_hard_n=200, hard_terms=5,
-                     pool_n=500, eval_n=300, num_exemplars=0)
-  # Zero-shot formats (LMSI Table 2, formats 3 and 4): on a byte-level model with a
-  # few hundred tokens of context, few-shot exemplars would multiply every
-  # sequence's length; set synthetic.num_exemplars > 0 to add the few-shot formats.
-  c.formats = ("zero_shot_cot", "zero_shot_direct")
+  # Stage 0 data: 50,000 labeled easy sums (2-4 terms, questions may repeat with other
+  # orders) and only 20 labeled 5-term sums, oversampled to 1% of the seed data. The pool's
+  # last 200 questions are the collapse guard's unlabeled probe: 1,000 are sampled.
+  c.synthetic.update(seed_easy_n=50_000, seed_easy_terms=(2, 4), seed_hard_n=20,
+                     seed_hard_repeat=25, hard_terms=5, pool_n=1200, eval_n=500,
+                     num_exemplars=0)
+  c.guard.update(probe_n=200)
+  # One format, zero-shot CoT (LMSI Table 2, format 3): a 100k-parameter model cannot answer a
+  # 5-term sum without its chain of thought, and the direct format's half of every batch cost
+  # stage 0 14 points greedy (BENCHMARKS.md); few-shot formats need exemplars in the context.
+  c.formats = ("zero_shot_cot",)
   c.prompt_format = "zero_shot_cot"
-  c.sampling.update(num_samples=16, temperature=0.8, top_k=0, top_p=1.0, max_decode_steps=64,
-                    batch_size=512, questions_per_shard=128)
-  # Stage 0 must track which terms a path has used: at 1,200 steps 73% of greedy paths
-  # added a wrong term and SC@16 was 31%; at 3,000 steps SC@16 is 54% (BENCHMARKS.md).
-  c.base_train.update(enabled=True, num_steps=3000, learning_rate=3e-3, warmup_steps=50,
-                      schedule="cosine", batch_size=16)
-  # Rounds continue at the base's final learning rate (3e-4): at 1e-3 the extra steps
-  # lowered even the control arm's SC@16 from 54% to 38%.
-  c.train.update(optimizer="adamw", learning_rate=3e-4, schedule="constant", warmup_steps=0,
-                 num_steps=300, batch_size=16, seq_len=128, clip_norm=1.0, weight_decay=0.0,
-                 log_every=100, checkpoint_every=100)
+  c.sampling.update(num_samples=32, temperature=1.0, top_k=0, top_p=1.0, max_decode_steps=64,
+                    batch_size=1024, questions_per_shard=250)
+  # Small batches, many steps: at the same tokens, 3,000 steps of 16 rows reach 78% greedy
+  # where 1,500 of 32 reach 42% (BENCHMARKS.md).
+  c.base_train.update(enabled=True, num_steps=3000, learning_rate=3e-3, warmup_steps=100,
+                      schedule="cosine", batch_size=16, weight_decay=0.01, checkpoint_every=1000)
+  c.train.update(optimizer="adamw", learning_rate=1e-3, schedule="cosine", warmup_steps=30,
+                 num_steps=300, batch_size=16, seq_len=96, clip_norm=1.0, weight_decay=0.01,
+                 b2=0.98, end_lr_ratio=0.1, log_every=100, checkpoint_every=300)
   c.rounds.update(num_rounds=3, init="continue", pseudo_weight=0.5, seed_weight=0.5,
                   previous_weight=0.0)
-  c.eval.update(num_samples=16, temperature=0.8, base_temperature=0.8, top_k=0,
-                max_decode_steps=64, oracle=True, control=True)
+  c.eval.update(num_samples=16, temperature=1.0, base_temperature=1.0, top_k=0,
+                max_decode_steps=64, oracle=True, control=True, spurious=True)
   if arg == "smoke":
-    c.synthetic.update(seed_easy_n=400, seed_hard_n=10, pool_n=48, eval_n=32)
+    c.synthetic.update(seed_easy_n=400, seed_hard_n=10, seed_hard_repeat=1, pool_n=64, eval_n=32)
+    c.guard.probe_n = 16
     c.sampling.update(num_samples=4, batch_size=64, questions_per_shard=16)
     # 150 steps: a base whose paths end with an answer, so the rounds have pseudo-labels
     # to vote and keep (at 40 steps no path parsed and the rounds trained on seed data only).

@@ -51,7 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Built-in synthetic sums (task.name == "synthetic").
   c.synthetic = ml_collections.ConfigDict(dict(
       seed_easy_n=3000, seed_easy_terms=(2, 4), seed_hard_n=20, hard_terms=5,
-      pool_n=1000, eval_n=500, num_exemplars=2))
+      pool_n=1000, eval_n=500, num_exemplars=2,
+      seed_hard_repeat=1))      # each labeled hard example appears this many times in the seed data
   # GSM8K (task.name == "gsm8k"): JSONL dir with train.jsonl/test.jsonl, or TFDS.
   c.data = ml_collections.ConfigDict(dict(
       source="jsonl", dir="", pool_split="train", eval_split="test",
@@ -105,9 +106,17 @@ def base_config() -> ml_collections.ConfigDict:
       exemplars=False,          # greedy zero-shot CoT answers become the few-shot exemplars
       num_exemplars=4))
 
+  # Collapse guard (lmsi_jax/guard.py): label-free signals on a held-out unlabeled probe
+  # (the pool's last probe_n questions) after stage 0 and each round; a round that grew
+  # more confident (vote share up by >= min_share_rise) while its majority answers moved
+  # (agreement with the previous model < vote share - max_gap) stops the rounds, and the
+  # last unflagged round is kept. probe_n=0: off.
+  c.guard = ml_collections.ConfigDict(dict(probe_n=0, min_share_rise=0.0, max_gap=0.25))
+
   c.eval = ml_collections.ConfigDict(dict(
       num_samples=32, temperature=1.2, base_temperature=0.7, top_k=40, top_p=1.0,
-      max_decode_steps=256, calibration_bins=5, oracle=False, control=False))
+      max_decode_steps=256, calibration_bins=5, oracle=False, control=False,
+      spurious=False))          # arm: LMSI's samples, a random non-majority answer's paths
 
   # mode="w2s" (lmsi_jax/w2s.py): the model above, trained on the seed data (base_train),
   # is the teacher; its labels for the pool train a student of another size.
@@ -192,6 +201,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(c.base_train.num_steps >= 1, "base_train.num_steps", "must be >= 1 when enabled")
     optim.train_config(c, base=True)
   _validate_w2s(c, check)
+  from lmsi_jax import guard as guard_lib  # pylint: disable=g-import-not-at-top
+  try:      # the guard checks its own settings (one line naming the key)
+    guard_lib.GuardSettings.from_config(c.guard)
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
+  check(not (c.eval.spurious and c.mode == "w2s"), "eval.spurious", "is an LMSI-mode arm")
   check(c.data.source in ("jsonl", "tfds"), "data.source", "expected 'jsonl' or 'tfds'")
   check(c.data.on_error in ("raise", "skip"), "data.on_error", "expected 'raise' or 'skip'")
   if c.task.name == "gsm8k" and c.data.source == "jsonl":

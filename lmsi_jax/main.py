@@ -2,6 +2,7 @@
 
   python -m lmsi_jax.main --config=configs/demo.py[:smoke] --workdir=DIR [--config.a.b=value ...]
                          [--restart_from=STAGE]
+  python -m lmsi_jax.main --config=configs/demo.py --workdir=DIR --seeds=0-4   # DIR/seed_<s>/ each
 
 Intentionally thin: `config.mode` picks the runner (lmsi_jax.modes; the LMSI
 pipeline is lmsi_jax.rounds, importable from a notebook). Re-running the same
@@ -29,6 +30,9 @@ _RESTART = flags.DEFINE_string(
     "restart_from", "", "A stage of DIR/stages.json (e.g. round_1/train) to start over, with "
     "every stage recorded after it; their files are removed first. Use once: a requeued "
     "command that keeps the flag would start that stage over again.")
+_SEEDS = flags.DEFINE_string(
+    "seeds", None, "Run the config once per seed ('0-4' or '0,1,2'), each in WORKDIR/seed_<s>/, "
+    "then write WORKDIR/aggregate.{json,md} and accuracy.png (mean ± sd; lmsi_jax/multiseed.py).")
 
 
 def _quiet_orbax(record) -> bool:
@@ -57,21 +61,33 @@ def main(argv):
   logging.get_absl_logger().addFilter(_quiet_orbax)
   from lmsi_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from lmsi_jax import distributed  # pylint: disable=g-import-not-at-top
+  from lmsi_jax import multiseed  # pylint: disable=g-import-not-at-top
   from lmsi_jax import train  # pylint: disable=g-import-not-at-top
   try:
     config_lib.validate(cfg)
+    seeds = multiseed.parse_seeds(_SEEDS.value) if _SEEDS.value is not None else None
     distributed.initialize(cfg.distributed)
     from lmsi_jax import modes  # pylint: disable=g-import-not-at-top
     from lmsi_jax import store  # pylint: disable=g-import-not-at-top
-    # Lock, restart, check every recorded stage against cfg, record DIR/config.json.
-    store.open_store(_WORKDIR.value, cfg, restart_from=_RESTART.value)
-    pipeline = modes.build(cfg, _WORKDIR.value)
+    if seeds and _RESTART.value:
+      raise ValueError("--restart_from names a stage of one workdir; with --seeds, run it on "
+                       "WORKDIR/seed_<s> without --seeds")
+    pipeline = None
+    if not seeds:
+      # Lock, restart, check every recorded stage against cfg, record DIR/config.json.
+      store.open_store(_WORKDIR.value, cfg, restart_from=_RESTART.value)
+      pipeline = modes.build(cfg, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
     print(f"lmsi_jax: error: {e}", file=sys.stderr)
     return 2
   logging.info("overrides: %s", config_flags.get_override_values(flags.FLAGS["config"]))
   try:
     with train.preemptible():    # SIGTERM/SIGINT: training saves its step, then exits here
+      if seeds:
+        agg = multiseed.run_seeds(cfg, _WORKDIR.value, seeds)
+        if distributed.is_main_process():
+          print(multiseed.to_markdown(agg))
+        return 0
       report = pipeline.run()
   except store.StoreError as e:
     print(f"lmsi_jax: error: {e}", file=sys.stderr)

@@ -36,6 +36,8 @@ class Problem:
   # Per split, records dropped under data.on_error="skip": {"pool": {"bad_records": n,
   # "too_long": m}, "eval": {...}} (report.json "skipped").
   skipped: dict = dataclasses.field(default_factory=dict)
+  # Unlabeled questions held out of the pool for the collapse guard (lmsi_jax/guard.py).
+  probe: list[dict] = dataclasses.field(default_factory=list)
 
 
 def _limit(records, n):
@@ -48,7 +50,8 @@ def load_problem(cfg) -> Problem:
     s = cfg.synthetic
     splits = synthetic.build_splits(
         seed=cfg.seed, seed_easy_n=s.seed_easy_n, seed_easy_terms=tuple(s.seed_easy_terms),
-        seed_hard_n=s.seed_hard_n, hard_terms=s.hard_terms, pool_n=s.pool_n, eval_n=s.eval_n)
+        seed_hard_n=s.seed_hard_n, hard_terms=s.hard_terms, pool_n=s.pool_n, eval_n=s.eval_n,
+        seed_hard_repeat=s.seed_hard_repeat)
     exemplars = None
     if s.num_exemplars:
       # Exemplars come from the labeled seed data (easy sums), never from pool/eval.
@@ -71,6 +74,16 @@ def load_problem(cfg) -> Problem:
     return Problem("gsm8k", [], pool, evals, exemplars, cfg.task.answer_type, cfg.task.cue,
                    {k: {"bad_records": v.get("skipped", 0)} for k, v in stats.items()})
   raise ValueError(f"config.task.name={cfg.task.name!r}: expected 'synthetic' or 'gsm8k'")
+
+
+def hold_out_probe(problem: Problem, n: int) -> Problem:
+  """Moves the pool's last `n` questions to `probe` (never sampled for training labels)."""
+  if n <= 0:
+    return problem
+  if n >= len(problem.pool):
+    raise ValueError(f"config.guard.probe_n={n}: the pool has only {len(problem.pool)} "
+                     "questions; the probe must leave some to train on")
+  return dataclasses.replace(problem, pool=problem.pool[:-n], probe=problem.pool[-n:])
 
 
 def prompt_for(problem: Problem, question: str, prompt_format: str) -> str:

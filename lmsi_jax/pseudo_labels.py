@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from lmsi_jax import distributed
+from lmsi_jax import fileio
 from lmsi_jax import formats as formats_lib
 from lmsi_jax import sampler
 from lmsi_jax import voting
@@ -76,6 +77,20 @@ def sample_pool(lm, vocab, questions: Sequence[dict], prompts: Sequence[str], ou
   return records
 
 
+def vote_record(rec: dict, s: VoteSettings):
+  """One question's sample record -> (texts, vote, kept path indices, per-path answers)."""
+  texts = [x["text"] for x in rec["samples"]]
+  weights = None
+  if s.weighted:
+    weights = [float(np.exp(x["mean_logprob"])) for x in rec["samples"]]
+  vote, kept, answers = voting.vote_question(
+      texts, s.answer_type, s.cue, stop=s.stop or None,
+      fallback_last_number=s.fallback_last_number, logprob_weights=weights,
+      min_vote_share=s.min_vote_share, max_paths=s.max_paths or None, dedup=s.dedup,
+      extractor=s.extractor)
+  return texts, vote, kept, answers
+
+
 def vote_pool(sample_records: Sequence[dict], questions: Sequence[dict], s: VoteSettings, *,
               exemplars: formats_lib.Exemplars | None, formats: Sequence[str], round_index: int,
               source_step: int) -> tuple[list[dict], list[dict]]:
@@ -84,15 +99,7 @@ def vote_pool(sample_records: Sequence[dict], questions: Sequence[dict], s: Vote
   labels, votes = [], []
   for rec in sample_records:
     q = by_id[rec["id"]]
-    texts = [x["text"] for x in rec["samples"]]
-    weights = None
-    if s.weighted:
-      weights = [float(np.exp(x["mean_logprob"])) for x in rec["samples"]]
-    vote, kept, answers = voting.vote_question(
-        texts, s.answer_type, s.cue, stop=s.stop or None,
-        fallback_last_number=s.fallback_last_number, logprob_weights=weights,
-        min_vote_share=s.min_vote_share, max_paths=s.max_paths or None, dedup=s.dedup,
-        extractor=s.extractor)
+    texts, vote, kept, answers = vote_record(rec, s)
     gold = voting.normalize_answer(q.get("answer"), s.answer_type) if q.get("answer") else None
     votes.append({
         "id": q["id"], "answer": vote.answer, "count": vote.count, "share": vote.share,
@@ -102,16 +109,56 @@ def vote_pool(sample_records: Sequence[dict], questions: Sequence[dict], s: Vote
         "pass_at_k": None if gold is None else any(a == gold for a in answers),
         "correct": None if gold is None else vote.answer == gold,
     })
-    for k in kept:
-      for ex in formats_lib.make_examples(q["question"], voting.truncate_at_stop(texts[k], s.stop),
-                                          vote.answer, exemplars, formats):
-        labels.append({**ex, "id": q["id"], "path_index": k, "answer": vote.answer,
-                       "vote_share": vote.share, "vote_count": vote.count,
-                       "round": round_index, "source_step": source_step})
+    labels += _path_records(q, texts, kept, vote.answer, vote, s.stop, exemplars, formats,
+                            round_index, source_step)
   logging.info("voting: %d questions, %d with a majority answer, %d kept paths -> %d records",
                len(votes), sum(v["answer"] is not None for v in votes),
                sum(v["kept"] for v in votes), len(labels))
   return labels, votes
+
+
+def _path_records(q: dict, texts: Sequence[str], paths: Sequence[int], answer: str,
+                  vote: voting.Vote, stop: str, exemplars, formats: Sequence[str],
+                  round_index: int, source_step: int) -> list[dict]:
+  """One training record per path index × format (`answer` is the label they reach)."""
+  out = []
+  for k in paths:
+    for ex in formats_lib.make_examples(q["question"], voting.truncate_at_stop(texts[k], stop),
+                                        answer, exemplars, formats):
+      out.append({**ex, "id": q["id"], "path_index": k, "answer": answer,
+                  "vote_share": vote.share, "vote_count": vote.count,
+                  "round": round_index, "source_step": source_step})
+  return out
+
+
+def spurious_pool(sample_records: Sequence[dict], s: VoteSettings, *, seed: int,
+                  exemplars: formats_lib.Exemplars | None, formats: Sequence[str],
+                  round_index: int, source_step: int) -> list[dict]:
+  """The spurious-label arm's records from the same samples `vote_pool` votes over.
+
+  Each question keeps as many paths as LMSI keeps, but those reaching a random
+  non-majority answer (`voting.select_spurious`; the majority only when no
+  other answer was sampled). The answer is drawn with a generator seeded by
+  (seed, round, question position): deterministic, and gold is never read
+  (sample records carry no gold). `vote_share`/`vote_count` stay the
+  majority's (what LMSI saw).
+  """
+  labels = []
+  for i, rec in enumerate(sample_records):
+    texts, vote, kept, answers = vote_record(rec, s)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, round_index, i]))
+    answer, paths = voting.select_spurious(answers, vote, kept, rng)
+    labels += _path_records(rec, texts, paths, answer, vote, s.stop, exemplars, formats,
+                            round_index, source_step)
+  return labels
+
+
+def read_samples(out_dir: str) -> list[dict]:
+  """Every sample record `sample_pool` wrote under `out_dir`, in shard order."""
+  shards = sorted(f for f in fileio.listdir(out_dir) if f.startswith("shard_") and f.endswith(".jsonl"))
+  if not shards:
+    raise FileNotFoundError(f"{out_dir}: no sample shards")
+  return [r for f in shards for r in jsonl.read_jsonl(os.path.join(out_dir, f), required_keys=("id",))]
 
 
 def gold_records(questions: Sequence[dict], *, exemplars, formats: Sequence[str],

@@ -3,9 +3,13 @@
 report.json keys: config, base {greedy_acc, sc_acc, ...}, rounds [{round,
 greedy_acc, sc_acc, num_questions, num_pseudo_labels,
 pseudo_label_precision, mean_vote_share, wall_s, ...}], oracle {greedy_acc,
-sc_acc}, control {greedy_acc, sc_acc}, pgr, calibration, wall_s,
-early_stop (null unless rounds.early_stop_patience > 0; see early_stop.py).
-base, each round, oracle and control also carry "extraction" (see
+sc_acc}, control {greedy_acc, sc_acc}, spurious {greedy_acc, sc_acc}, final
+{round, greedy_acc, sc_acc} (the kept model: the last round, or the collapse
+guard's choice), gains {over_base, over_control, over_spurious} (final greedy
+minus each, fractions), pgr (on final), calibration, wall_s, early_stop (null
+unless rounds.early_stop_patience > 0; see early_stop.py), collapse_guard (null
+unless guard.probe_n > 0; see guard.py).
+base, each round and the arms also carry "extraction" (see
 evaluate.extraction_summary): {extractor, greedy_unextracted, greedy_paths,
 sc_unextracted, sc_paths, greedy_others: {name: {acc, unextracted, disagree}}, unavailable};
 report.md shows it as the "Answer extraction" table.
@@ -40,19 +44,30 @@ def pgr(base: float, final: float, oracle: float | None) -> float | None:
 
 
 def build_report(cfg, base: dict, rounds: list[dict], oracle: dict | None, control: dict | None,
-                 *, wall_s: float, wall_s_this_invocation: float) -> dict:
-  """`wall_s`: the recorded stage times summed (what an uninterrupted run takes)."""
-  last = rounds[-1] if rounds else None
+                 *, wall_s: float, wall_s_this_invocation: float, spurious: dict | None = None,
+                 final_round: int | None = None) -> dict:
+  """`wall_s`: the recorded stage times summed (what an uninterrupted run takes).
+
+  `final_round` is the kept model (default: the last round; 0 = stage 0).
+  """
+  k = len(rounds) if final_round is None else final_round
+  last = rounds[k - 1] if k else None
+  final = last or base
+  gains = {f"over_{name}": final["greedy_acc"] - arm["greedy_acc"]
+           for name, arm in (("base", base), ("control", control), ("spurious", spurious)) if arm}
   return {
       "config": json.loads(cfg.to_json()),
       "base": _eval_view(base),
       "rounds": rounds,
       "oracle": _eval_view(oracle),
       "control": _eval_view(control),
+      "spurious": _eval_view(spurious),
+      "final": {"round": k, "greedy_acc": final["greedy_acc"], "sc_acc": final["sc_acc"]},
+      "gains": gains,
       "pgr": pgr(base["greedy_acc"], last["greedy_acc"], oracle and oracle["greedy_acc"])
              if last else None,
       "pgr_sc": pgr(base["sc_acc"], last["sc_acc"], oracle and oracle["sc_acc"]) if last else None,
-      "calibration": (last or base)["calibration"],
+      "calibration": final["calibration"],
       "base_calibration": base["calibration"],
       "wall_s": wall_s,
       "wall_s_this_invocation": wall_s_this_invocation,
@@ -72,12 +87,16 @@ def to_markdown(rep: dict) -> str:
     lines.append(f"| LMSI round {r['round']} | {pct(r['greedy_acc'])} | {pct(r['sc_acc'])} | "
                  f"{pct(r['pseudo_label_precision'])} | {pct(r['mean_vote_share'])} | "
                  f"{r['wall_s']:.0f} |")
-  for arm in ("oracle", "control"):
+  for arm in ("oracle", "control", "spurious"):
     if rep.get(arm):
       lines.append(f"| {arm} | {pct(rep[arm]['greedy_acc'])} | {pct(rep[arm]['sc_acc'])} | | | "
                    f"{rep[arm].get('wall_s', 0):.0f} |")
   fmt = lambda x: "—" if x is None else f"{x:.2f}"
-  lines += ["", f"PGR (greedy): {fmt(rep['pgr'])}; PGR (SC): {fmt(rep.get('pgr_sc'))}; "
+  final = rep.get("final") or {}
+  gains = ", ".join(f"{100 * v:+.1f} points {k.replace('_', ' ')}"
+                    for k, v in (rep.get("gains") or {}).items())
+  lines += ["", f"Final model: round {final.get('round')} ({gains or 'no arms'}). "
+                f"PGR (greedy): {fmt(rep['pgr'])}; PGR (SC): {fmt(rep.get('pgr_sc'))}; "
                 f"total stage wall time {rep['wall_s']:.0f} s.", "",
             "Calibration of the last model (SC vote share → accuracy of the majority answer):", "",
             "| vote share | questions | accuracy |", "|---|---|---|"]
@@ -85,6 +104,7 @@ def to_markdown(rep: dict) -> str:
     lines.append(f"| {c['lo']:.1f}–{c['hi']:.1f} | {c['count']} | {pct(c['accuracy'])} |")
   lines += extraction_markdown(rep)
   lines += diagnostics.markdown(rep)
+  lines += _guard_markdown(rep.get("collapse_guard"))
   if rep.get("format_ablation") or rep.get("strategies"):
     from lmsi_jax import ablation  # pylint: disable=g-import-not-at-top
     lines += ablation.markdown(rep)
@@ -95,7 +115,7 @@ def extraction_markdown(rep: dict) -> list[str]:
   """The "Answer extraction" table: unextracted counts and the other extractors' disagreements."""
   rows = [("base", rep.get("base"))]
   rows += [(f"LMSI round {r['round']}", r) for r in rep.get("rounds") or []]
-  rows += [(arm, rep.get(arm)) for arm in ("oracle", "control")]
+  rows += [(arm, rep.get(arm)) for arm in ("oracle", "control", "spurious")]
   rows = [(name, ev["extraction"]) for name, ev in rows if ev and ev.get("extraction")]
   if not rows:
     return []
@@ -119,6 +139,24 @@ def extraction_markdown(rep: dict) -> list[str]:
   return lines
 
 
+def _guard_markdown(g: dict | None) -> list[str]:
+  if not g:
+    return []
+  f = lambda x: "—" if x is None else f"{x:.3f}"
+  lines = ["", f"Collapse guard (no labels; {g['probe_n']} probe questions; flag when the vote "
+               f"share rose >= {g['min_share_rise']} and share − agreement > {g['max_gap']}):", "",
+           "| model | vote share | answer entropy | distinct paths | parse rate | agreement | "
+           "flagged |", "|---|---|---|---|---|---|---|"]
+  for e in g["rounds"]:
+    lines.append(f"| {'base' if e['round'] == 0 else 'round ' + str(e['round'])} | "
+                 f"{f(e['mean_vote_share'])} | {f(e['answer_entropy'])} | {f(e['distinct_paths'])} | "
+                 f"{f(e['parse_rate'])} | {f(e['agreement'])} | {'yes' if e['flagged'] else 'no'} |")
+  stop = g["stopped_after_round"]
+  lines += ["", ("Ran every configured round." if stop is None else
+                 f"Stopped after round {stop}.") + f" Kept round {g['kept_round']}."]
+  return lines
+
+
 def plot(rep: dict, workdir: str) -> list[str]:
   """accuracy.png (per round, greedy and SC, base/oracle lines) and calibration.png."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -134,6 +172,8 @@ def plot(rep: dict, workdir: str) -> list[str]:
     ax.axhline(rep["oracle"]["greedy_acc"], color="green", ls="--", label="oracle greedy")
   if rep.get("control"):
     ax.axhline(rep["control"]["greedy_acc"], color="red", ls="--", label="control greedy")
+  if rep.get("spurious"):
+    ax.axhline(rep["spurious"]["greedy_acc"], color="purple", ls="--", label="spurious greedy")
   ax.set(xlabel="round (0 = base)", ylabel="accuracy", ylim=(0, 1), title="Held-out accuracy")
   ax.set_xticks(xs)
   ax.legend(fontsize=8)

@@ -13,7 +13,8 @@ Everything a stage produces lands atomically under the workdir:
   DIR/round_<r>/eval.json               the round's model, evaluated
   DIR/selfgen/exemplars.json            self-generated few-shot exemplars (selfgen.exemplars)
   DIR/round_<r>/selfgen/                self-generated questions (selfgen.questions)
-  DIR/{oracle,control}/...              reference arms with the identical recipe
+  DIR/{base,round_<r>}/probe.json       collapse guard: label-free probe signals (guard.probe_n)
+  DIR/{oracle,control,spurious}/...     reference arms with the identical recipe
   DIR/report.json, report.md, *.png     see lmsi_jax/report.py
 
 Re-running the same command skips finished stages and resumes the
@@ -37,10 +38,12 @@ from lmsi_jax import distributed
 from lmsi_jax import early_stop as early_stop_lib
 from lmsi_jax import evaluate as eval_lib
 from lmsi_jax import fileio
+from lmsi_jax import guard as guard_lib
 from lmsi_jax import optim
 from lmsi_jax import problems
 from lmsi_jax import pseudo_labels as pl
 from lmsi_jax import report as report_lib
+from lmsi_jax import seeds
 from lmsi_jax import selfgen
 from lmsi_jax import sharding
 from lmsi_jax import store as store_lib
@@ -53,7 +56,7 @@ from lmsi_jax.models_io import build_model
 
 # What shapes each kind of stage (lmsi_jax/store.py: its fingerprint). Groups or dotted
 # keys; store.OPERATIONAL keys (logging, checkpoint cadence, mesh, ...) never count.
-PROBLEM = ("seed", "model", "task", "synthetic", "data")
+PROBLEM = ("seed", "model", "task", "synthetic", "data", "guard.probe_n")
 SEED_KEYS = ("seed", "task", "synthetic", "data", "formats")
 BASE_TRAIN_KEYS = ("seed", "model", "train", "base_train")
 BASE_TRAIN_EXCLUDE = tuple(f"train.{k}" for k in (      # base_train.* sets these
@@ -62,14 +65,15 @@ TRAIN_KEYS = ("seed", "model", "train", "rounds.pseudo_weight", "rounds.seed_wei
               "rounds.previous_weight")
 EVAL_KEYS = PROBLEM + ("prompt_format", "eval", "voting.fallback_last_number",
                        "sampling.batch_size")
-EVAL_EXCLUDE = ("eval.oracle", "eval.control")
+EVAL_EXCLUDE = ("eval.oracle", "eval.control", "eval.spurious")
 SAMPLE_KEYS = PROBLEM + ("prompt_format", "sampling")
 VOTE_KEYS = ("task", "formats", "voting", "eval.calibration_bins")
+PROBE_KEYS = SAMPLE_KEYS + ("voting",)
 SELFGEN_QUESTION_KEYS = PROBLEM + ("prompt_format", "sampling", "voting", "selfgen")
 SELFGEN_EXEMPLAR_KEYS = ("seed", "model", "task", "synthetic", "data", "selfgen.exemplars",
                          "selfgen.num_exemplars", "sampling.max_decode_steps",
                          "sampling.batch_size")
-ARMS = ("oracle", "control")
+ARMS = ("oracle", "control", "spurious")
 
 
 def _ids_hash(questions) -> str:
@@ -106,7 +110,8 @@ class Pipeline:
     if self.store is None:     # a fresh run fails here on a changed config: before any work
       self.store = store_lib.open_store(self.workdir, cfg, restart_from=self.restart_from)
     self.store.check(cfg, self.view)
-    self.problem = problems.load_problem(cfg)
+    self.guard_settings = guard_lib.GuardSettings.from_config(cfg.guard)
+    self.problem = problems.hold_out_probe(problems.load_problem(cfg), cfg.guard.probe_n)
     self.mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
     self.base_lm, self.vocab = build_model(cfg, self.mesh)
     self.problem = self.fit_context(self.problem)
@@ -170,7 +175,8 @@ class Pipeline:
     c = self.cfg
     return problems.fit_context(
         problem, self.vocab, c.prompt_format, self.base_lm.cfg.max_seq_len,
-        {"pool": c.sampling.max_decode_steps, "eval": c.eval.max_decode_steps}, c.data.on_error)
+        {"pool": c.sampling.max_decode_steps, "eval": c.eval.max_decode_steps,
+         "probe": c.sampling.max_decode_steps}, c.data.on_error)
 
   def eval_settings(self, temperature: float) -> eval_lib.EvalSettings:
     e, t = self.cfg.eval, self.cfg.task
@@ -263,8 +269,8 @@ class Pipeline:
     base = rel == os.path.join("base", "eval.json")
     exclude = EVAL_EXCLUDE + (("eval.temperature",) if base else ("eval.base_temperature",))
     keys = EVAL_KEYS
-    if os.path.dirname(rel) in ARMS:     # an arm trains as many rounds as the LMSI run had
-      keys += ("rounds.num_rounds", "rounds.early_stop_patience")
+    if os.path.dirname(rel) in ARMS:     # an arm trains as many rounds as the kept LMSI model
+      keys += ("rounds.num_rounds", "rounds.early_stop_patience", "guard")
     return self.stage(out_path, keys, exclude=exclude,
                       inputs=[self.origin(lm), self.exemplar_stage()],
                       extra={"temperature": temperature, "seed_offset": seed_offset})
@@ -344,6 +350,31 @@ class Pipeline:
                       inputs=[sst.name, self.exemplar_stage()],
                       extra={"round": r, "source_step": source_step})
 
+  def probe(self, lm, r: int, previous: dict | None) -> dict:
+    """Collapse-guard signals of `lm` (round r; 0 = stage 0) on the held-out unlabeled probe."""
+    rdir = self.path(f"round_{r}" if r else "base")
+    out_path, samples_dir = os.path.join(rdir, "probe.json"), os.path.join(rdir, "probe_samples")
+    seed = seeds.stream(self.cfg.seed, "probe", r)
+    prev_stage = self.store.name_of(self.path(f"round_{r - 1}" if r > 1 else "base",
+                                              "probe.json")) if r else None
+    st = self.stage(out_path, PROBE_KEYS, inputs=[self.origin(lm), self.exemplar_stage(),
+                                                 prev_stage],
+                    extra={"sample_seed": seed, "questions": _ids_hash(self.problem.probe)})
+    if st.done:
+      return fileio.read_json(out_path)
+    st.begin(samples_dir, out_path)
+    qs = self.problem.probe
+    with tqdm(total=len(qs) * self.cfg.sampling.num_samples, desc=f"probe {r}",
+              disable=not distributed.is_main_process(), mininterval=2) as bar:
+      samples = self.sample(lm, qs, samples_dir, seed, progress=bar.update)
+    voted = [pl.vote_record(rec, self.vote_settings) for rec in samples]
+    sig = guard_lib.probe_signals([a for *_, a in voted], [t for t, *_ in voted],
+                                  previous and previous["majorities"])
+    sig["wall_s"] = st.elapsed()
+    distributed.write_json(out_path, sig)
+    st.finish(out_path, wall_s=sig["wall_s"])
+    return sig
+
   def mixture(self, arm: str, r: int, round_tasks: list) -> object:
     """Round r's training mixture: latest labels, earlier rounds, seed data."""
     rc = self.cfg.rounds
@@ -372,6 +403,11 @@ class Pipeline:
     rounds, current, step = [], base_lm, base_steps
     round_tasks = []
     stop = early_stop_lib.EarlyStop(self.cfg.rounds.early_stop_patience, base_greedy_acc)
+    guard = guard_lib.CollapseGuard(self.guard_settings) if self.guard_settings.enabled else None
+    previous_lm, signals = base_lm, None
+    if guard:
+      signals = self.probe(base_lm, 0, None)
+      guard.update(signals)
     for r in range(1, self.cfg.rounds.num_rounds + 1):
       pool, gen = self.problem.pool, {}
       if self.cfg.selfgen.questions:      # LMSI §3.3: new questions join this round's pool
@@ -405,13 +441,30 @@ class Pipeline:
                      **({"selfgen": gen} if gen else {}),
                      "wall_s": summary["sample_wall_s"] + summary["vote_wall_s"] + done["wall_s"]
                                + ev["wall_s"] + gen.get("wall_s", 0.0)})
-      if stop.update(r, ev["greedy_acc"]):
+      stopping = stop.update(r, ev["greedy_acc"])
+      if guard:
+        signals = self.probe(current, r, signals)
+        stopping |= guard.update(signals)
+        rounds[-1]["guard"] = guard.history[-1]
+        if guard.stopped_after == r:     # keep the last unflagged model
+          current = previous_lm
+      if stopping:
         break
-    self.early_stop, self.final_lm = stop.report(), current
+      previous_lm = current
+    self.early_stop = stop.report()
+    self.collapse_guard = guard.report() if guard else None
+    self.final_round = guard.kept_round if guard else len(rounds)
+    self.final_lm = current
     return rounds
 
   def run_arm(self, arm: str, base_lm, num_rounds: int) -> dict | None:
-    """oracle: gold CoT for the same pool; control: seed data only. Same recipe, as many rounds."""
+    """Same recipe, as many rounds as the kept LMSI model, from the base model.
+
+    oracle: gold CoT for the same pool; control: the seed data only; spurious: LMSI's own
+    samples of each round, but the paths of a random non-majority answer (as many as LMSI
+    kept; `pseudo_labels.spurious_pool`): if it gains as much as LMSI, the gain is format
+    learning, not self-improvement.
+    """
     if arm == "control" and self.seed_task is None:
       logging.warning("control arm skipped: the task has no labeled seed data")
       return None
@@ -425,6 +478,9 @@ class Pipeline:
                 exemplars=self.problem.exemplars, formats=self.cfg.formats, round_index=r),
             f"lmsi_{self.problem.name}_oracle_round_{r}",
             extra={"round": r, "questions": _ids_hash(self.problem.pool)}))
+      elif arm == "spurious" and fileio.read_json(
+          self.path(f"round_{r}", "vote_summary.json"))["num_records"]:   # as many as LMSI's
+        round_tasks.append(self._spurious_labels(r))
       init = current if self.cfg.rounds.init == "continue" else base_lm
       current = self.train(init, self.mixture(arm, r, round_tasks),
                            self.path(arm, f"round_{r}", "train"), data_seed=self.cfg.seed + 1000 * r,
@@ -434,16 +490,36 @@ class Pipeline:
                   for r in range(1, num_rounds + 1))
     return {**res, "wall_s": res["wall_s"] + train_s}   # the arm's fine-tunes and its eval
 
+  def _spurious_labels(self, r: int):
+    """The spurious arm's round-r labels (a SeqIO task) from LMSI's round-r samples."""
+    path = self.path("spurious", f"round_{r}", "labels.jsonl")
+    samples = self.store.name_of(self.path(f"round_{r}", "samples"))
+    st = self.stage(path, VOTE_KEYS, inputs=[samples], extra={"round": r})
+    recs = None
+    if not st.done:
+      st.begin(path)
+      recs = pl.spurious_pool(pl.read_samples(self.path(f"round_{r}", "samples")),
+                              self.vote_settings, seed=seeds.stream(self.cfg.seed, "spurious"),
+                              exemplars=self.problem.exemplars, formats=self.cfg.formats,
+                              round_index=r, source_step=0)
+    task = self.register(f"lmsi_{self.problem.name}_spurious_round_{r}", path, recs,
+                         stage=st.name)
+    if not st.done:
+      st.finish(path)
+    return task
+
   def run(self) -> dict:
     t0 = time.time()
     base_lm, base_steps, base = self.run_base()
     rounds = self.run_lmsi(base_lm, base_steps, base["greedy_acc"])
-    oracle = self.run_arm("oracle", base_lm, len(rounds)) if self.cfg.eval.oracle else None
-    control = self.run_arm("control", base_lm, len(rounds)) if self.cfg.eval.control else None
-    report = report_lib.build_report(self.cfg, base, rounds, oracle, control,
-                                     wall_s=self.recorded_wall_s(),
+    arms = {arm: self.run_arm(arm, base_lm, self.final_round) for arm in ARMS
+            if self.cfg.eval[arm] and self.final_round}
+    report = report_lib.build_report(self.cfg, base, rounds, arms.get("oracle"),
+                                     arms.get("control"), spurious=arms.get("spurious"),
+                                     final_round=self.final_round, wall_s=self.recorded_wall_s(),
                                      wall_s_this_invocation=time.time() - t0)
     report["early_stop"] = self.early_stop
+    report["collapse_guard"] = self.collapse_guard
     report["skipped"] = self.problem.skipped     # records dropped under data.on_error="skip"
     if distributed.is_main_process():
       report_lib.write_report(report, self.workdir)

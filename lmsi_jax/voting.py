@@ -270,6 +270,26 @@ def select_paths(answers: Sequence[str | None], vote: Vote, *,
   return kept if max_paths is None else kept[:max_paths]
 
 
+def select_spurious(answers: Sequence[str | None], vote: Vote, kept: Sequence[int],
+                    rng: np.random.Generator) -> tuple[str | None, list[int]]:
+  """The spurious-label arm's paths: a random non-majority answer's, as many as `kept`.
+
+  The answer is drawn uniformly from the distinct parsed answers other than
+  `vote.answer`; when no other answer was sampled it is the majority itself.
+  Its paths are repeated in index order until there are ``len(kept)`` of them
+  (the number LMSI keeps for the question), so the arm trains on as many
+  examples as LMSI, from the same samples. Returns (answer, path indices).
+  """
+  if vote.answer is None or not kept:
+    return None, []
+  others = sorted({a for a in answers if a is not None and a != vote.answer})
+  if not others:
+    return vote.answer, list(kept)
+  choice = others[int(rng.integers(len(others)))]
+  paths = [i for i, a in enumerate(answers) if a == choice]
+  return choice, [paths[k % len(paths)] for k in range(len(kept))]
+
+
 def vote_question(texts: Sequence[str], answer_type: str = "number",
                   cue: str = "The answer is", *, stop: str | None = "\nQ:",
                   fallback_last_number: bool = False,

@@ -180,6 +180,36 @@ def make_split(seed: int, n: int, num_terms: NumTerms, *, split_name: str,
   return records
 
 
+def make_drill(seed: int, n: int, num_terms: NumTerms, *, split_name: str,
+               exclude: set[str] | None = None) -> list[dict]:
+  """`n` labeled drill records; questions may repeat, each with its own gold order.
+
+  Each record is a question drawn uniformly from all questions with `num_terms`
+  terms (so a count k is drawn in proportion to the 9^k questions that have
+  it: longer sums dominate, as they do among distinct questions), with a fresh
+  random summation order. Unlike `make_split`, a question may come back: a
+  drill of tens of thousands of sums repeats questions with other orders (many
+  paths per question, as the rounds' samples have). Questions in `exclude` are
+  redrawn.
+  """
+  lo, hi = _terms_range(num_terms)
+  counts = np.array([float(MAX_TERM - MIN_TERM + 1) ** k for k in range(lo, hi + 1)])
+  rng = np.random.default_rng(seed)
+  ks = lo + rng.choice(hi - lo + 1, size=n, p=counts / counts.sum())
+  blocked = set(exclude or ())
+  records = []
+  for i, k in enumerate(ks):
+    for _ in range(1000):
+      terms = make_question(rng, int(k))
+      if question_text(terms) not in blocked:
+        break
+    else:
+      raise ValueError(f"cannot draw a {k}-term question outside `exclude`")
+    records.append({"id": f"{split_name}-{i}", "question": question_text(terms),
+                    "answer": answer_of(terms), "cot": gold_cot(terms, rng)})
+  return records
+
+
 def make_exemplar_pairs(seed: int, k: int, num_terms: NumTerms) -> list[tuple[str, str, str]]:
   """`k` few-shot exemplars ``(question, cot, answer)`` with distinct questions."""
   recs = make_split(seed, k, num_terms, split_name="exemplar")
@@ -193,17 +223,21 @@ def _sub_seed(seed: int, index: int) -> int:
 def build_splits(*, seed: int = 0, seed_easy_n: int = 3000,
                  seed_easy_terms: NumTerms = (2, 4), seed_hard_n: int = 20,
                  hard_terms: NumTerms = 5, pool_n: int = 1000,
-                 eval_n: int = 500) -> dict[str, list[dict]]:
+                 eval_n: int = 500, seed_hard_repeat: int = 1) -> dict[str, list[dict]]:
   """The demo's disjoint splits.
 
   Returns:
-    ``"seed"``: labeled, `seed_easy_n` easy examples (ids ``seed_easy-i``)
-    followed by `seed_hard_n` hard ones (``seed_hard-i``); ``"pool"``: unlabeled
-    hard questions (``cot`` None); ``"eval"``: held-out hard questions (``cot``
-    None, gold answer kept). Eval is drawn first, so its questions do not depend
-    on the sizes of the other splits; every later split excludes all earlier
-    questions.
+    ``"seed"``: labeled, `seed_easy_n` easy drill examples (ids ``seed_easy-i``,
+    `make_drill`: term counts balanced, questions may repeat with other orders)
+    followed by `seed_hard_n` hard ones (``seed_hard-i``, unique), each listed
+    `seed_hard_repeat` times (copies ``seed_hard-i.k``: oversampled, the same
+    labels); ``"pool"``: unlabeled hard questions (``cot`` None); ``"eval"``:
+    held-out hard questions (``cot`` None, gold answer kept). Eval is drawn
+    first, so its questions do not depend on the sizes of the other splits;
+    every later split excludes all earlier questions.
   """
+  if seed_hard_repeat < 1:
+    raise ValueError(f"seed_hard_repeat must be >= 1, got {seed_hard_repeat}")
   evals = make_split(_sub_seed(seed, 0), eval_n, hard_terms, split_name="eval", labeled=False)
   taken = {r["question"] for r in evals}
   pool = make_split(_sub_seed(seed, 1), pool_n, hard_terms, split_name="pool",
@@ -212,6 +246,7 @@ def build_splits(*, seed: int = 0, seed_easy_n: int = 3000,
   hard = make_split(_sub_seed(seed, 2), seed_hard_n, hard_terms, split_name="seed_hard",
                     exclude=taken)
   taken |= {r["question"] for r in hard}
-  easy = make_split(_sub_seed(seed, 3), seed_easy_n, seed_easy_terms, split_name="seed_easy",
+  easy = make_drill(_sub_seed(seed, 3), seed_easy_n, seed_easy_terms, split_name="seed_easy",
                     exclude=taken)
-  return {"seed": easy + hard, "pool": pool, "eval": evals}
+  copies = [{**r, "id": f"{r['id']}.{k}"} for k in range(1, seed_hard_repeat) for r in hard]
+  return {"seed": easy + hard + copies, "pool": pool, "eval": evals}
