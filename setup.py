@@ -31,6 +31,7 @@ setup(
         "test": [
             "pytest",
             "hypothesis",
+            "math-verify",
             "torch==2.13.0",
             "transformers",
             "accelerate",

@@ -3,12 +3,16 @@
   python -m lmsi_jax.main --config=configs/demo.py --workdir=/tmp/lmsi_demo
   python -m lmsi_jax.main --config=configs/demo.py:smoke --workdir=/tmp/lmsi_smoke
 
-A ~100k-parameter byte-level model is trained from scratch on easy sums
-(2–4 terms) plus 200 labeled 5-term examples (stage 0, 3,000 steps), then
-self-improves for 3 rounds (16 paths per question, 300 fine-tuning steps each)
-on 500 unlabeled 5-term questions. Two reference arms use the
-identical fine-tuning recipe: oracle (gold chains of thought for the same
-pool) and control (the same extra steps on the seed data only).
+A ~100k-parameter byte-level model is trained from scratch on 50,000 labeled
+easy sums (2-4 terms) plus 20 labeled 5-term examples (stage 0, 3,000 steps),
+then self-improves for 3 rounds (32 paths per question at T=1.0, 300
+fine-tuning steps each) on 1,000 unlabeled 5-term questions. Three reference
+arms use the identical fine-tuning recipe: oracle (gold chains of thought for
+the same pool), control (the same extra steps on the seed data only) and
+spurious (LMSI's own samples, but a random non-majority answer's paths). A
+label-free collapse guard watches 200 held-out unlabeled questions.
+
+  python -m lmsi_jax.main --config=configs/demo.py --workdir=/tmp/lmsi_demo5 --seeds=0-4
 """
 
 from lmsi_jax import config as config_lib
@@ -67,6 +71,8 @@ def _w2s(c, smoke: bool):
   """Weak-to-strong (lmsi_jax/w2s.py): the demo's base model is the teacher; a 4-layer,
   width-128 student pretrained on the easy sums only learns 5-term sums from its labels."""
   c.mode = "w2s"
+  c.guard.probe_n = 0     # the teacher labels the whole pool; no LMSI rounds to guard
+  c.eval.spurious = False
   c.w2s.update(student_preset="small", pretrain_steps=20 if smoke else 800, labels="vote",
                losses=("xent", "confidence"), replay_weight=0.5)
   # The student's fine-tunes (ceiling and teacher labels alike): 600 steps decaying to 0.1x.
@@ -88,7 +94,8 @@ def _study(c, name: str):
   (2 from the seed data) and longer sequences; prompting is few-shot CoT.
   strategy: rounds.init continue vs restart, the demo's rounds, from one base model.
   """
-  c.eval.update(oracle=False, control=False)   # the studies compare settings, not arms
+  c.eval.update(oracle=False, control=False, spurious=False)   # studies compare settings, not arms
+  c.guard.probe_n = 0     # ... and run every round of each setting
   if name == "strategy":
     c.mode = "strategies"
     return c

@@ -61,7 +61,8 @@ def smoke(tmp_path_factory):
 @pytest.mark.slow
 def test_smoke_report_contract(smoke):
   workdir, rep = smoke
-  for key in ("config", "base", "rounds", "oracle", "control", "pgr", "calibration", "wall_s"):
+  for key in ("config", "base", "rounds", "oracle", "control", "spurious", "final", "gains",
+              "collapse_guard", "pgr", "calibration", "wall_s"):
     assert key in rep, key
   assert len(rep["rounds"]) == 2
   for r, row in enumerate(rep["rounds"], 1):
@@ -355,3 +356,60 @@ def test_too_long_prompts_skipped_and_counted(tmp_path):
   ids = [json.loads(l)["id"] for l in (workdir / "round_1" / "votes.jsonl").read_text().splitlines()]
   assert ids == ["train-1", "train-2", "train-5", "train-6"]
   assert rep["rounds"][0]["train_truncated"] == 0
+
+
+@pytest.mark.slow
+def test_smoke_spurious_arm_guard_and_final_model(smoke):
+  """The spurious arm trains on LMSI's own samples (a random non-majority answer's paths, as
+  many as LMSI kept); the collapse guard's signals are recorded for stage 0 and every round."""
+  workdir, rep = smoke
+  for key in ("spurious", "final", "gains", "collapse_guard"):
+    assert rep[key] is not None, key
+  final = rep["rounds"][rep["final"]["round"] - 1]
+  assert rep["final"]["greedy_acc"] == final["greedy_acc"]
+  for arm in ("base", "control", "spurious"):
+    assert rep["gains"][f"over_{arm}"] == pytest.approx(final["greedy_acc"] - rep[arm]["greedy_acc"])
+  guard = rep["collapse_guard"]
+  assert [e["round"] for e in guard["rounds"]] == list(range(len(rep["rounds"]) + 1))
+  assert guard["rounds"][0]["agreement"] is None and guard["rounds"][1]["agreement"] is not None
+  assert guard["probe_n"] == 16
+  cfg = config_lib.load_config_file(os.path.join(REPO, "configs", "demo.py"), "smoke")
+  full_pool = problems.load_problem(cfg).pool
+  probe_ids = {s["id"] for name in os.listdir(os.path.join(workdir, "base", "probe_samples"))
+               for s in jsonl.read_jsonl(os.path.join(workdir, "base", "probe_samples", name))}
+  assert probe_ids == {q["id"] for q in full_pool[-16:]}
+  voted_ids = {v["id"] for v in jsonl.read_jsonl(os.path.join(workdir, "round_1", "votes.jsonl"))}
+  assert not probe_ids & voted_ids                       # the probe is held out of the pool
+  for r in range(1, rep["final"]["round"] + 1):
+    votes = {v["id"]: v for v in jsonl.read_jsonl(os.path.join(workdir, f"round_{r}", "votes.jsonl"))}
+    spur = jsonl.read_jsonl(os.path.join(workdir, "spurious", f"round_{r}", "labels.jsonl"))
+    lmsi = jsonl.read_jsonl(os.path.join(workdir, f"round_{r}", "pseudo_labels.jsonl"))
+    assert len(spur) == len(lmsi)
+    for x in spur:
+      v = votes[x["id"]]
+      assert x["answer"] != v["answer"] or v["distinct_answers"] == 1
+
+
+@pytest.mark.slow
+def test_gold_never_changes_training_data(smoke):
+  """Re-voting the run's own samples with every pool answer replaced gives the same
+  pseudo-labels, spurious labels and guard signals as the run wrote."""
+  from lmsi_jax import guard as guard_lib
+  from lmsi_jax import pseudo_labels as pl
+  from lmsi_jax import seeds
+  workdir, rep = smoke
+  cfg = config_lib.load_config_file(os.path.join(REPO, "configs", "demo.py"), "smoke")
+  s = pl.VoteSettings(cfg.task.answer_type, cfg.task.cue, cfg.task.stop)
+  samples = pl.read_samples(os.path.join(workdir, "round_1", "samples"))
+  wrong_gold = [{"id": x["id"], "question": x["question"], "answer": "-1"} for x in samples]
+  labels, _ = pl.vote_pool(samples, wrong_gold, s, exemplars=None, formats=cfg.formats,
+                           round_index=1, source_step=cfg.base_train.num_steps)
+  assert labels == jsonl.read_jsonl(os.path.join(workdir, "round_1", "pseudo_labels.jsonl"))
+  spur = pl.spurious_pool(samples, s, seed=seeds.stream(cfg.seed, "spurious"), exemplars=None,
+                          formats=cfg.formats, round_index=1, source_step=0)
+  assert spur == jsonl.read_jsonl(os.path.join(workdir, "spurious", "round_1", "labels.jsonl"))
+  voted = [pl.vote_record(x, s) for x in pl.read_samples(os.path.join(workdir, "base", "probe_samples"))]
+  sig = guard_lib.probe_signals([a for *_, a in voted], [t for t, *_ in voted], None)
+  with open(os.path.join(workdir, "base", "probe.json")) as f:
+    written = json.load(f)
+  assert {k: written[k] for k in sig} == sig
