@@ -107,11 +107,11 @@ def base_config() -> ml_collections.ConfigDict:
       num_exemplars=4))
 
   # Collapse guard (lmsi_jax/guard.py): label-free signals on a held-out unlabeled probe
-  # (the pool's last probe_n questions) after stage 0 and each round; a round that grew
-  # more confident (vote share up by >= min_share_rise) while its majority answers moved
-  # (agreement with the previous model < vote share - max_gap) stops the rounds, and the
-  # last unflagged round is kept. probe_n=0: off.
-  c.guard = ml_collections.ConfigDict(dict(probe_n=0, min_share_rise=0.0, max_gap=0.25))
+  # (the pool's last probe_n questions) after stage 0 and each round; a round whose majority
+  # answers agree with the previous model's less often than the previous model's own two
+  # halves of samples agree with each other (minus max_drop) stops the rounds, and the last
+  # unflagged round is kept. probe_n=0: off.
+  c.guard = ml_collections.ConfigDict(dict(probe_n=0, max_drop=0.05))
 
   c.eval = ml_collections.ConfigDict(dict(
       num_samples=32, temperature=1.2, base_temperature=0.7, top_k=40, top_p=1.0,

@@ -143,14 +143,16 @@ def _guard_markdown(g: dict | None) -> list[str]:
   if not g:
     return []
   f = lambda x: "—" if x is None else f"{x:.3f}"
-  lines = ["", f"Collapse guard (no labels; {g['probe_n']} probe questions; flag when the vote "
-               f"share rose >= {g['min_share_rise']} and share − agreement > {g['max_gap']}):", "",
-           "| model | vote share | answer entropy | distinct paths | parse rate | agreement | "
-           "flagged |", "|---|---|---|---|---|---|---|"]
+  lines = ["", f"Collapse guard (no labels; {g['probe_n']} held-out probe questions; a round is "
+               "flagged when its agreement with the previous model is more than "
+               f"{g['max_drop']} below the previous model's split-half agreement):", "",
+           "| model | vote share | answer entropy | distinct paths | parse rate | split-half "
+           "agreement | agreement with previous | flagged |", "|---|---|---|---|---|---|---|---|"]
   for e in g["rounds"]:
     lines.append(f"| {'base' if e['round'] == 0 else 'round ' + str(e['round'])} | "
                  f"{f(e['mean_vote_share'])} | {f(e['answer_entropy'])} | {f(e['distinct_paths'])} | "
-                 f"{f(e['parse_rate'])} | {f(e['agreement'])} | {'yes' if e['flagged'] else 'no'} |")
+                 f"{f(e['parse_rate'])} | {f(e['self_agreement'])} | {f(e['agreement'])} | "
+                 f"{'yes' if e['flagged'] else 'no'} |")
   stop = g["stopped_after_round"]
   lines += ["", ("Ran every configured round." if stop is None else
                  f"Stopped after round {stop}.") + f" Kept round {g['kept_round']}."]
