@@ -121,6 +121,7 @@ class Pipeline:
         cfg.voting.max_paths, cfg.voting.dedup, cfg.voting.weighted,
         cfg.voting.fallback_last_number, cfg.task.extractor)
     self.seed_task = None
+    self.round_records: dict[int, int] = {}     # round -> pseudo-label records (run_lmsi)
     self._made_by: dict[int, tuple[object, str]] = {}   # id(lm) -> (lm, training stage)
     self._task_stages: dict[str, list[str]] = {}         # task/mixture -> stages it reads
     fileio.makedirs(self.workdir)
@@ -414,6 +415,7 @@ class Pipeline:
         extra, gen = selfgen.generate_questions(self, current, r)
         pool = pool + extra
       summary = self.sample_and_vote(current, r, step, pool)
+      self.round_records[r] = summary["num_records"]
       if summary["num_records"]:
         round_tasks.append(self.register(tasks.round_task_name(self.problem.name, r),
                                          self.path(f"round_{r}", "pseudo_labels.jsonl")))
@@ -478,8 +480,7 @@ class Pipeline:
                 exemplars=self.problem.exemplars, formats=self.cfg.formats, round_index=r),
             f"lmsi_{self.problem.name}_oracle_round_{r}",
             extra={"round": r, "questions": _ids_hash(self.problem.pool)}))
-      elif arm == "spurious" and fileio.read_json(
-          self.path(f"round_{r}", "vote_summary.json"))["num_records"]:   # as many as LMSI's
+      elif arm == "spurious" and self.round_records[r]:   # as many records as LMSI's round r
         round_tasks.append(self._spurious_labels(r))
       init = current if self.cfg.rounds.init == "continue" else base_lm
       current = self.train(init, self.mixture(arm, r, round_tasks),

@@ -20,6 +20,7 @@ def pipe(tmp_path_factory, demo_config):
   cfg = demo_config("smoke")
   cfg.voting.update(min_vote_share=0.5, max_paths=3, dedup=True, weighted=True)
   cfg.train.update(num_steps=2, batch_size=8, log_every=1, checkpoint_every=2)
+  cfg.guard.probe_n = 0        # these tests are about the round options; test_robustness guards
   return rounds.Pipeline(cfg, str(tmp_path_factory.mktemp("rounds")))
 
 
@@ -116,6 +117,7 @@ def test_run_stops_early_arms_match_and_generated_questions_join_the_pool(pipe, 
       accs[os.path.basename(os.path.dirname(path))]))
   pipe.cfg.rounds.update(num_rounds=4, early_stop_patience=2, init="continue")
   pipe.cfg.selfgen.questions = True
+  pipe.cfg.eval.spurious = False       # it reads the rounds' samples, which are stubbed here
   pipe.workdir = os.path.join(pipe.workdir, "early")
   rep = pipe.run()
   assert [r["round"] for r in rep["rounds"]] == [1, 2, 3]

@@ -79,8 +79,10 @@ def test_default_splits_sizes_disjoint_and_well_formed():
   sp = syn.build_splits(seed=0)
   assert {k: len(v) for k, v in sp.items()} == {"seed": 3020, "pool": 1000, "eval": 500}
   qs = {k: [r["question"] for r in v] for k, v in sp.items()}
-  for k, v in qs.items():
-    assert len(set(v)) == len(v), k
+  for k in ("pool", "eval"):
+    assert len(set(qs[k])) == len(qs[k]), k
+  hard = [r["question"] for r in sp["seed"] if r["id"].startswith("seed_hard")]
+  assert len(set(hard)) == len(hard) == 20
   assert not set(qs["seed"]) & set(qs["pool"])
   assert not set(qs["seed"]) & set(qs["eval"])
   assert not set(qs["pool"]) & set(qs["eval"])
@@ -125,3 +127,34 @@ def test_gold_cot_orders_vary():
   terms = [1, 2, 3, 4, 5]
   cots = {syn.gold_cot(terms, rng) for _ in range(50)}
   assert len(cots) > 10 and all(syn.verify_cot("1+2+3+4+5", c) for c in cots)
+
+
+def test_drill_repeats_questions_with_other_orders_in_proportion_to_the_question_space():
+  recs = syn.make_drill(0, 6000, (2, 4), split_name="d", exclude={"1+1"})
+  assert [r["id"] for r in recs[:2]] == ["d-0", "d-1"] and recs == syn.make_drill(0, 6000, (2, 4), split_name="d", exclude={"1+1"})
+  lens = [len(syn.parse_question(r["question"])) for r in recs]
+  share = {k: lens.count(k) / len(lens) for k in (2, 3, 4)}
+  total = 81 + 729 + 6561
+  for k, n in ((2, 81), (3, 729), (4, 6561)):
+    assert abs(share[k] - n / total) < 0.02, (k, share)
+  assert all(syn.verify_cot(r["question"], r["cot"]) for r in recs)
+  assert "1+1" not in {r["question"] for r in recs}
+  two = [r for r in recs if len(syn.parse_question(r["question"])) == 2]
+  by_q = {}
+  for r in recs:
+    by_q.setdefault(r["question"], set()).add(r["cot"])
+  assert len(by_q) < len(recs)                                   # questions repeat ...
+  assert any(len(c) > 1 for q, c in by_q.items() if len(set(q.split("+"))) > 1)   # ... in other orders
+  assert two
+
+
+def test_seed_hard_repeat_copies_the_labeled_hard_examples():
+  sp = syn.build_splits(seed=1, **{**SMALL, "seed_hard_n": 5}, seed_hard_repeat=3)
+  hard = [r for r in sp["seed"] if r["id"].startswith("seed_hard")]
+  assert len(hard) == 15 and len({r["id"] for r in hard}) == 15
+  firsts = [r for r in hard if "." not in r["id"]]
+  for r in hard:
+    base = next(f for f in firsts if r["id"].split(".")[0] == f["id"])
+    assert (r["question"], r["cot"], r["answer"]) == (base["question"], base["cot"], base["answer"])
+  with pytest.raises(ValueError, match="seed_hard_repeat"):
+    syn.build_splits(seed=1, **SMALL, seed_hard_repeat=0)
