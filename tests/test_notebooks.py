@@ -53,11 +53,15 @@ def test_lmsi_demo_notebook(tmp_path):
                 LMSI_NOTEBOOK_OVERRIDES=json.dumps(SMOKE_TRIM))
   with open(os.path.join(workdir, "report.json")) as f:
     report = json.load(f)
-  assert report["config"]["synthetic"]["pool_n"] == 48                 # the smoke variant
-  assert len(report["rounds"]) == 1 and report["oracle"] and report["control"] is None
+  assert report["config"]["synthetic"]["pool_n"] == 64                 # the smoke variant
+  assert report["config"]["guard"]["probe_n"] == 16 and report["rounds"][0]["num_questions"] == 48
+  assert len(report["rounds"]) == 1 and report["control"] is None
+  # the arms train as many rounds as the kept model had (none when the guard kept stage 0)
+  assert (report["oracle"] is not None) == (report["final"]["round"] == 1)
   assert report["rounds"][0]["num_pseudo_labels"] > 0
   text = _text(nb)
   assert "round 1: greedy=" in text and "majority answer" in text and "[kept]" in text
+  assert "guard 0: vote share" in text and "guard 1: vote share" in text
   assert sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])) == 2
 
 
