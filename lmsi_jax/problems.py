@@ -78,7 +78,7 @@ def load_problem(cfg) -> Problem:
 
 def hold_out_probe(problem: Problem, n: int) -> Problem:
   """Moves the pool's last `n` questions to `probe` (never sampled for training labels)."""
-  if n <= 0:
+  if n <= 0 or not problem.pool:      # an empty pool is reported as such by the pipeline
     return problem
   if n >= len(problem.pool):
     raise ValueError(f"config.guard.probe_n={n}: the pool has only {len(problem.pool)} "

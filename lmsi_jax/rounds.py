@@ -177,7 +177,7 @@ class Pipeline:
     return problems.fit_context(
         problem, self.vocab, c.prompt_format, self.base_lm.cfg.max_seq_len,
         {"pool": c.sampling.max_decode_steps, "eval": c.eval.max_decode_steps,
-         "probe": c.sampling.max_decode_steps}, c.data.on_error)
+         **({"probe": c.sampling.max_decode_steps} if problem.probe else {})}, c.data.on_error)
 
   def eval_settings(self, temperature: float) -> eval_lib.EvalSettings:
     e, t = self.cfg.eval, self.cfg.task

@@ -87,7 +87,8 @@ def test_smoke_round_metrics_agree_with_the_files_and_hidden_gold(smoke):
   correctness checked against the pool's gold answers (which training never sees)."""
   workdir, rep = smoke
   cfg = config_lib.load_config_file(os.path.join(REPO, "configs", "demo.py"), "smoke")
-  gold = {q["id"]: q["answer"] for q in problems.load_problem(cfg).pool}
+  held_out = problems.hold_out_probe(problems.load_problem(cfg), cfg.guard.probe_n)
+  gold = {q["id"]: q["answer"] for q in held_out.pool}
   for r, row in enumerate(rep["rounds"], 1):
     votes = jsonl.read_jsonl(os.path.join(workdir, f"round_{r}", "votes.jsonl"))
     assert sorted(v["id"] for v in votes) == sorted(gold)
@@ -198,7 +199,7 @@ def test_changed_config_on_resume_is_refused_then_restart_redoes_that_stage(smok
     rep = json.load(f)
   for a, b in zip(ref["rounds"], rep["rounds"]):
     assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
-  for arm in ("base", "oracle", "control"):
+  for arm in ("base", "oracle", "control", "spurious"):
     assert (rep[arm]["greedy_acc"], rep[arm]["sc_acc"]) == (ref[arm]["greedy_acc"], ref[arm]["sc_acc"])
   after = _digest(workdir)
   for rel, h in before.items():       # the stages before oracle/eval were reused untouched
@@ -207,7 +208,12 @@ def test_changed_config_on_resume_is_refused_then_restart_redoes_that_stage(smok
   with open(os.path.join(workdir, "stages.json")) as f:
     stages = json.load(f)["stages"]
   assert stages["oracle/eval"]["config"]["rounds.early_stop_patience"] == 5
-  assert list(stages)[-3:] == ["control/round_1/train", "control/round_2/train", "control/eval"]
+  n = rep["final"]["round"]          # the arms train as many rounds as the kept model had
+  redone = list(stages)[list(stages).index("oracle/eval"):]
+  assert redone == ["oracle/eval"] + [f"control/round_{r}/train" for r in range(1, n + 1)] + [
+      "control/eval"] + [x for r in range(1, n + 1) for x in (f"spurious/round_{r}/labels.jsonl",
+                                                             f"spurious/round_{r}/train")] + [
+      "spurious/eval"]
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["rounds"]["early_stop_patience"] == 5
 
