@@ -211,7 +211,7 @@ def test_changed_config_on_resume_is_refused_then_restart_redoes_that_stage(smok
   n = rep["final"]["round"]          # the arms train as many rounds as the kept model had
   redone = list(stages)[list(stages).index("oracle/eval"):]
   assert redone == ["oracle/eval"] + [f"control/round_{r}/train" for r in range(1, n + 1)] + [
-      "control/eval"] + [x for r in range(1, n + 1) for x in (f"spurious/round_{r}/labels.jsonl",
+      "control/eval"] + [x for r in range(1, n + 1) for x in (f"spurious/round_{r}/labels",
                                                              f"spurious/round_{r}/train")] + [
       "spurious/eval"]
   with open(os.path.join(workdir, "config.json")) as f:
