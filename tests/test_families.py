@@ -6,9 +6,11 @@ prompts tokenize as AutoTokenizer does, greedy decoding gives the same 32 tokens
 text as `generate`, and export -> reload is identical. Gemma 3 mixes sliding-window and
 global layers; its prompts are longer than the window.
 """
+import dataclasses
 import json
 import os
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from lmsi_jax import model as model_lib
 from lmsi_jax import sampler
 from lmsi_jax.checkpoints import export_hf, load_checkpoint
+from lmsi_jax.checkpoints import gguf as gguf_ckpt
 from lmsi_jax.checkpoints import tokenizer as tok_lib
 from lmsi_jax.data import vocab as vocab_lib
 
@@ -34,7 +37,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidde
 WINDOW = 4
 
 
-def _byte_bpe(specials, bos=None):
+def _byte_bpe(specials, bos=None, split=tok_lib._LLAMA3_SPLIT):  # pylint: disable=protected-access
   """Byte-level BPE (Llama 3 / Qwen style): specials first, then the 256 bytes, a few merges."""
   vocab = {s: i for i, s in enumerate(specials)}
   for ch in tok_lib.bytes_to_unicode().values():
@@ -44,7 +47,7 @@ def _byte_bpe(specials, bos=None):
     vocab[a + b] = len(vocab)
   tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
   tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(Regex(tok_lib._LLAMA3_SPLIT), behavior="isolated"),  # pylint: disable=protected-access
+      pre_tokenizers.Split(Regex(split), behavior="isolated"),
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   tok.decoder = decoders.ByteLevel()
   tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
@@ -64,7 +67,7 @@ def _tokenizer(family):
         tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1]), 0, 1
   if family == "qwen3":      # Qwen3: byte-level BPE, no BOS
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = _byte_bpe(specials)
+    tok = _byte_bpe(specials, split=tok_lib._QWEN2_SPLIT)  # pylint: disable=protected-access
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=specials[0], pad_token=specials[0]), None, 0
   # Gemma: SentencePiece-style BPE (byte fallback), <bos> before every text.
@@ -215,3 +218,80 @@ def test_export_reload_identical(family_dir, mesh8, tmp_path):
   back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **kw).eval()
   tokens = _tokens()
   np.testing.assert_allclose(_hf_logits(back, tokens), _hf_logits(model, tokens), atol=1e-5, rtol=1e-5)
+
+
+def _write_gguf(path, arch, model, tok_path, *, eos, tensors=None):
+  """A float32 GGUF of `model` as llama.cpp's converter lays it out (qwen3: no Q/K permutation)."""
+  c = model.config
+  w = gguf.GGUFWriter(path, arch)
+  w.add_block_count(c.num_hidden_layers)
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  w.add_key_length(c.head_dim)
+  w.add_value_length(c.head_dim)
+  w.add_rope_freq_base(1_000_000.0)
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  tj = json.loads(tokenizers.Tokenizer.from_file(tok_path).to_str())
+  vocab = {**tj["model"]["vocab"], **{t["content"]: t["id"] for t in tj["added_tokens"]}}
+  tokens = sorted(vocab, key=vocab.get)
+  assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+  special = {t["content"] for t in tj["added_tokens"] if t["special"]}
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("qwen2")
+  w.add_token_list(tokens)
+  w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+  w.add_token_types([3 if t in special else 1 for t in tokens])
+  w.add_eos_token_id(eos)
+  if tensors is None:
+    tensors = {gguf_ckpt.gguf_name(k): v.detach().numpy() for k, v in model.state_dict().items()}
+  for name, x in tensors.items():
+    w.add_tensor(name, np.ascontiguousarray(x, np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
+def test_gguf(family_dir, mesh8, tmp_path):
+  """Qwen3 GGUF loads as its HF directory does; Llama 3.1 RoPE factors and Gemma 3 are refused."""
+  family, path, model = family_dir
+  out = str(tmp_path / f"{family}.gguf")
+  if family == "qwen3":
+    _write_gguf(out, "qwen3", model, os.path.join(path, "tokenizer.json"), eos=0)
+    lm, vocab = load_checkpoint(out, mesh8)
+    lm_hf, _ = load_checkpoint(path, mesh8)
+    assert lm.cfg.norm_eps == pytest.approx(lm_hf.cfg.norm_eps)        # GGUF stores a float32
+    assert lm.cfg == dataclasses.replace(lm_hf.cfg, norm_eps=lm.cfg.norm_eps)
+    for a, b in zip(jax.tree.leaves(lm.state), jax.tree.leaves(lm_hf.state)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ref = transformers.AutoTokenizer.from_pretrained(path)
+    for text in TEXTS:
+      assert vocab_lib.encode_prompt(vocab, text) == ref(text)["input_ids"], text
+    tokens = _tokens()
+    np.testing.assert_allclose(_our_logits(lm, tokens)[..., :VOCAB], _hf_logits(model, tokens),
+                               atol=1e-4, rtol=1e-4)
+    return
+  emb = model.model.embed_tokens.weight.detach().numpy()
+  if family == "llama3":
+    factors = np.ones(8, np.float32)       # what llama.cpp's converter stores for llama3 scaling
+    _write_gguf(out, "llama", model, os.path.join(path, "tokenizer.json"), eos=1,
+                tensors={"token_embd.weight": emb, "rope_freqs.weight": factors})
+    with pytest.raises(ValueError, match=r"^unsupported RoPE frequency factors \(rope_freqs.weight: "
+                                         r"Llama 3.1\+ llama3 scaling\) in .*llama3.gguf; load the "
+                                         r"Hugging Face directory instead$"):
+      load_checkpoint(out, mesh8)
+  else:
+    w = gguf.GGUFWriter(out, "gemma3")
+    w.add_block_count(3)
+    w.add_tensor("token_embd.weight", emb)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match=r"^unsupported architecture gemma3 in .*gemma3.gguf: a Gemma "
+                                         r"GGUF does not carry query_pre_attn_scalar"):
+      load_checkpoint(out, mesh8)
