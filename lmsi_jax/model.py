@@ -133,8 +133,6 @@ class ModelConfig:
     attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
     per_layer = attn + 3 * d * f + 2 * d
     per_layer += 2 * self.head_dim * self.qk_norm + 2 * d * self.post_norms
-    if self.qkv_bias:
-      per_layer += self.head_dim * (self.num_heads + 2 * self.num_kv_heads)
     head = 0 if self.tie_embeddings else self.vocab_size * d
     return l * per_layer + self.vocab_size * d + head + d
 
