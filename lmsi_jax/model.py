@@ -94,11 +94,18 @@ class ModelConfig:
   sliding_window: int = 0           # window of "sliding_attention" layers (0 -> none)
   layer_types: tuple[str, ...] = ()  # per layer: "full_attention" | "sliding_attention"; () -> all full
   rope_local_theta: float = 0.0     # RoPE base of sliding layers (0 -> rope_theta), default RoPE
+  # Per-frequency divisors of the global layers' inverse frequencies ([head_dim/2]; () -> none):
+  # llama.cpp's rope_freqs.weight, how a GGUF stores Llama 3.1+ `llama3` scaling.
+  rope_freq_factors: tuple[float, ...] = ()
 
   def __post_init__(self):
     if self.head_dim == 0:
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
     object.__setattr__(self, "layer_types", tuple(self.layer_types))
+    object.__setattr__(self, "rope_freq_factors", tuple(float(f) for f in self.rope_freq_factors))
+    if self.rope_freq_factors and len(self.rope_freq_factors) != self.head_dim // 2:
+      raise ValueError(f"model.rope_freq_factors has {len(self.rope_freq_factors)} entries; "
+                       f"expected head_dim/2 = {self.head_dim // 2}")
     if self.layer_types and len(self.layer_types) != self.num_layers:
       raise ValueError(f"model.layer_types has {len(self.layer_types)} entries for "
                        f"model.num_layers={self.num_layers}")
@@ -192,6 +199,11 @@ def rope_frequencies(cfg: ModelConfig, local: bool) -> np.ndarray | None:
     if not cfg.rope_local_theta or cfg.rope_local_theta == cfg.rope_theta:
       return None if cfg.rope_type == "default" else _base_freq(cfg.rope_theta, d)
     return _base_freq(cfg.rope_local_theta, d)
+  if cfg.rope_freq_factors:
+    scaled = dataclasses.replace(cfg, rope_freq_factors=())
+    inv = rope_frequencies(scaled, False)
+    inv = _base_freq(cfg.rope_theta, d) if inv is None else inv
+    return (inv / np.asarray(cfg.rope_freq_factors, np.float32)).astype(np.float32)
   if cfg.rope_type == "default":
     return None
   inv = _base_freq(cfg.rope_theta, d)

@@ -220,8 +220,32 @@ def test_export_reload_identical(family_dir, mesh8, tmp_path):
   np.testing.assert_allclose(_hf_logits(back, tokens), _hf_logits(model, tokens), atol=1e-5, rtol=1e-5)
 
 
-def _write_gguf(path, arch, model, tok_path, *, eos, tensors=None):
-  """A float32 GGUF of `model` as llama.cpp's converter lays it out (qwen3: no Q/K permutation)."""
+def _llama_cpp_rope_factors(rope, head_dim):
+  """convert_hf_to_gguf's rope_freqs.weight for `llama3` scaling (LlamaModel.generate_extra_tensors)."""
+  base, factor = rope["rope_theta"], rope["factor"]
+  low, high, old = rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"]
+  freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+  out = []
+  for freq in freqs:
+    wavelen = 2 * np.pi / freq
+    if wavelen < old / high:
+      out.append(1)
+    elif wavelen > old / low:
+      out.append(factor)
+    else:
+      smooth = (old / wavelen - low) / (high - low)
+      out.append(1 / ((1 - smooth) / factor + smooth))
+  return np.asarray(out, np.float32)
+
+
+def _permute(w, n_head):
+  """llama.cpp's Q/K row permutation for arch "llama" (HF rotate_half -> interleaved)."""
+  return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(path, arch, model, tok_path, *, eos, bos=None, pre="qwen2", theta=1_000_000.0,
+                tensors=None, extra_tensors=None):
+  """A float32 GGUF of `model` as llama.cpp's converter lays it out (Q/K permuted for "llama")."""
   c = model.config
   w = gguf.GGUFWriter(path, arch)
   w.add_block_count(c.num_hidden_layers)
@@ -232,7 +256,7 @@ def _write_gguf(path, arch, model, tok_path, *, eos, tensors=None):
   w.add_head_count_kv(c.num_key_value_heads)
   w.add_key_length(c.head_dim)
   w.add_value_length(c.head_dim)
-  w.add_rope_freq_base(1_000_000.0)
+  w.add_rope_freq_base(theta)
   w.add_layer_norm_rms_eps(c.rms_norm_eps)
   tj = json.loads(tokenizers.Tokenizer.from_file(tok_path).to_str())
   vocab = {**tj["model"]["vocab"], **{t["content"]: t["id"] for t in tj["added_tokens"]}}
@@ -240,13 +264,22 @@ def _write_gguf(path, arch, model, tok_path, *, eos, tensors=None):
   assert [vocab[t] for t in tokens] == list(range(len(tokens)))
   special = {t["content"] for t in tj["added_tokens"] if t["special"]}
   w.add_tokenizer_model("gpt2")
-  w.add_tokenizer_pre("qwen2")
+  w.add_tokenizer_pre(pre)
   w.add_token_list(tokens)
   w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
   w.add_token_types([3 if t in special else 1 for t in tokens])
   w.add_eos_token_id(eos)
+  if bos is not None:
+    w.add_bos_token_id(bos)
+    w.add_add_bos_token(True)
   if tensors is None:
-    tensors = {gguf_ckpt.gguf_name(k): v.detach().numpy() for k, v in model.state_dict().items()}
+    tensors = {}
+    for k, v in model.state_dict().items():
+      x = v.detach().numpy()
+      if arch == "llama" and k.endswith(("q_proj.weight", "k_proj.weight")):
+        x = _permute(x, c.num_attention_heads if "q_proj" in k else c.num_key_value_heads)
+      tensors[gguf_ckpt.gguf_name(k)] = x
+  tensors.update(extra_tensors or {})
   for name, x in tensors.items():
     w.add_tensor(name, np.ascontiguousarray(x, np.float32))
   w.write_header_to_file()
@@ -257,44 +290,49 @@ def _write_gguf(path, arch, model, tok_path, *, eos, tensors=None):
 
 
 def test_gguf(family_dir, mesh8, tmp_path):
-  """Qwen3 GGUF loads as its HF directory does; Llama 3.1 RoPE factors and Gemma 3 are refused."""
+  """Qwen3 GGUFs load as their HF directory does; a Llama 3.1-style GGUF (RoPE scaling stored as
+  rope_freqs.weight factors) matches transformers but refuses export; Gemma 3 GGUFs are refused."""
   family, path, model = family_dir
   out = str(tmp_path / f"{family}.gguf")
-  if family == "qwen3":
-    _write_gguf(out, "qwen3", model, os.path.join(path, "tokenizer.json"), eos=0)
+  tok_json = os.path.join(path, "tokenizer.json")
+  ref = transformers.AutoTokenizer.from_pretrained(path)
+  tokens = _tokens()
+  if family in ("qwen3", "llama3"):
+    if family == "qwen3":
+      _write_gguf(out, "qwen3", model, tok_json, eos=0)
+    else:
+      rope = model.config.rope_parameters
+      factors = _llama_cpp_rope_factors(rope, model.config.head_dim)
+      assert len(set(factors.tolist())) > 2               # low, medium and high frequencies
+      _write_gguf(out, "llama", model, tok_json, eos=1, bos=0, pre="llama-bpe",
+                  theta=rope["rope_theta"], extra_tensors={"rope_freqs.weight": factors})
     lm, vocab = load_checkpoint(out, mesh8)
     lm_hf, _ = load_checkpoint(path, mesh8)
-    assert lm.cfg.norm_eps == pytest.approx(lm_hf.cfg.norm_eps)        # GGUF stores a float32
-    assert lm.cfg == dataclasses.replace(lm_hf.cfg, norm_eps=lm.cfg.norm_eps)
     for a, b in zip(jax.tree.leaves(lm.state), jax.tree.leaves(lm_hf.state)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    ref = transformers.AutoTokenizer.from_pretrained(path)
     for text in TEXTS:
       assert vocab_lib.encode_prompt(vocab, text) == ref(text)["input_ids"], text
-    tokens = _tokens()
     np.testing.assert_allclose(_our_logits(lm, tokens)[..., :VOCAB], _hf_logits(model, tokens),
                                atol=1e-4, rtol=1e-4)
+    assert lm.cfg.norm_eps == pytest.approx(lm_hf.cfg.norm_eps)        # GGUF stores a float32
+    if family == "qwen3":
+      assert lm.cfg == dataclasses.replace(lm_hf.cfg, norm_eps=lm.cfg.norm_eps)
+    else:
+      assert lm.cfg.rope_type == "default" and lm.cfg.rope_freq_factors == tuple(factors.tolist())
+      with pytest.raises(ValueError, match=r"^cannot export RoPE frequency factors \(a GGUF's "
+                                           r"rope_freqs.weight\) to Hugging Face format"):
+        export_hf(lm, vocab, str(tmp_path / "out"))
     return
-  emb = model.model.embed_tokens.weight.detach().numpy()
-  if family == "llama3":
-    factors = np.ones(8, np.float32)       # what llama.cpp's converter stores for llama3 scaling
-    _write_gguf(out, "llama", model, os.path.join(path, "tokenizer.json"), eos=1,
-                tensors={"token_embd.weight": emb, "rope_freqs.weight": factors})
-    with pytest.raises(ValueError, match=r"^unsupported RoPE frequency factors \(rope_freqs.weight: "
-                                         r"Llama 3.1\+ llama3 scaling\) in .*llama3.gguf; load the "
-                                         r"Hugging Face directory instead$"):
-      load_checkpoint(out, mesh8)
-  else:
-    w = gguf.GGUFWriter(out, "gemma3")
-    w.add_block_count(3)
-    w.add_tensor("token_embd.weight", emb)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(ValueError, match=r"^unsupported architecture gemma3 in .*gemma3.gguf: a Gemma "
-                                         r"GGUF does not carry query_pre_attn_scalar"):
-      load_checkpoint(out, mesh8)
+  w = gguf.GGUFWriter(out, "gemma3")
+  w.add_block_count(3)
+  w.add_tensor("token_embd.weight", model.model.embed_tokens.weight.detach().numpy())
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(ValueError, match=r"^unsupported architecture gemma3 in .*gemma3.gguf: a Gemma "
+                                       r"GGUF does not carry query_pre_attn_scalar"):
+    load_checkpoint(out, mesh8)
 
 
 def test_all_options_decode_matches_full_forward(mesh8):

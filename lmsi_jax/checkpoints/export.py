@@ -59,6 +59,9 @@ def family(cfg: model_lib.ModelConfig) -> str:
           and not cfg.query_pre_attn_scalar and not cfg.attn_logit_softcap
           and not cfg.final_logit_softcap and not cfg.sliding_window
           and (fam == "llama" or cfg.rope_type == "default"))
+  if cfg.rope_freq_factors:
+    raise ValueError("cannot export RoPE frequency factors (a GGUF's rope_freqs.weight) to Hugging "
+                     "Face format: export from the model's Hugging Face directory instead")
   if not ok:
     raise ValueError(f"cannot export this model configuration to Hugging Face format (no "
                      f"transformers family has this combination of options; nearest: {fam})")

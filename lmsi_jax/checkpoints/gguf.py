@@ -1,11 +1,11 @@
 """GGUF checkpoints (llama.cpp): architectures "llama", "qwen2" and "qwen3".
 
-Refused, in one line each: Gemma 3 GGUFs (they do not carry
-query_pre_attn_scalar, the sliding/global layer pattern or the sliding
-layers' RoPE base, which llama.cpp hard-codes per model size: load the HF
-directory), and a `rope_freqs.weight` tensor (Llama 3.1+ `llama3` RoPE
-scaling, stored only as derived per-frequency factors: load the HF
-directory). `linear` RoPE scaling (rope.scaling.type/factor) is supported.
+Refused in one line: Gemma GGUFs (they do not carry query_pre_attn_scalar,
+the sliding/global layer pattern or the sliding layers' RoPE base, which
+llama.cpp hard-codes per model size: load the HF directory). RoPE: `linear`
+scaling (rope.scaling.type/factor), and a `rope_freqs.weight` tensor (how
+llama.cpp stores Llama 3.1+ `llama3` scaling: per-frequency divisors) becomes
+`ModelConfig.rope_freq_factors` (such a model cannot be exported to HF).
 
 Tensors of type F32, F16, BF16, Q8_0, Q4_0 and Q4_1 are dequantised with
 `gguf.quants.dequantize` into the requested param dtype. A GGUF matrix is
@@ -127,9 +127,9 @@ def model_config(meta: dict[str, Any], tensors: dict[str, Any], where: str, *,
   rope: dict[str, Any] = {}
   if scaling == "linear":
     rope = dict(rope_type="linear", rope_factor=float(get("rope.scaling.factor")))
-  if "rope_freqs.weight" in tensors:
-    raise ValueError(f"unsupported RoPE frequency factors (rope_freqs.weight: Llama 3.1+ llama3 "
-                     f"scaling) in {where}; load the Hugging Face directory instead")
+  if "rope_freqs.weight" in tensors:       # Llama 3.1+ `llama3` scaling, as per-frequency factors
+    factors = _TensorSource(tensors["rope_freqs.weight"], where)
+    rope["rope_freq_factors"] = tuple(float(f) for f in factors.read((slice(None),)))
   if "token_embd.weight" not in tensors:
     raise ValueError(f"token_embd.weight: missing in {where}")
   real_vocab = int(tensors["token_embd.weight"].shape[1])
