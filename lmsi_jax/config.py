@@ -207,6 +207,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ValueError(f"config.{e}") from None
   check(not (c.eval.spurious and c.mode == "w2s"), "eval.spurious", "is an LMSI-mode arm")
+  from lmsi_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  check(bool(c.model.checkpoint) or c.model.preset in model_lib.PRESETS, "model.checkpoint",
+        f"set it to a HF directory or .gguf file (or model.preset to one of {sorted(model_lib.PRESETS)})")
   check(c.data.source in ("jsonl", "tfds"), "data.source", "expected 'jsonl' or 'tfds'")
   check(c.data.on_error in ("raise", "skip"), "data.on_error", "expected 'raise' or 'skip'")
   if c.task.name == "gsm8k" and c.data.source == "jsonl":

@@ -1,8 +1,23 @@
 """Decoder-only Llama-family transformer in Flax NNX.
 
-Covers Llama 2/3, SmolLM2, Mistral-style and Qwen2 (q/k/v bias): token
-embedding (tied or untied), RMSNorm, RoPE, grouped-query attention, SwiGLU
-MLP, final norm, LM head. Every parameter carries logical axis names;
+Covers Llama 2/3.x, SmolLM2, Mistral-style, Qwen2 (q/k/v bias), Qwen3 and
+Gemma 3 text with ONE forward pass: token embedding (tied or untied),
+RMSNorm, RoPE, grouped-query attention, gated MLP, final norm, LM head.
+Family differences are small named options of `ModelConfig` (all off by
+default, which is the Llama path): `qk_norm` (per-head RMSNorm of q and k,
+Qwen3/Gemma 3), `norm_offset` (RMSNorm scales by offset + w: Gemma's 1 + w),
+`post_norms` (norms after attention and MLP too, Gemma 2/3), `mlp_activation`
+("silu" SwiGLU | "gelu_tanh" GeGLU), `embed_scale` (embeddings times
+sqrt(hidden)), `query_pre_attn_scalar`, `attn_logit_softcap` /
+`final_logit_softcap`, `rope_type` ("default" | "llama3" | "linear", with its
+factors), and `layer_types` + `sliding_window` + `rope_local_theta`
+(interleaved sliding-window and global layers, each kind with its own RoPE
+base). Per-layer differences are passed into the (shared) block as a flag,
+a Python bool in the unrolled loop and a scanned bool in the remat scan, so
+the scan over stacked layers works for mixed layers. A sliding layer masks
+keys whose slot is `sliding_window` or more before the query's slot (slots
+and positions differ by a constant per row, also with left padding).
+Every parameter carries logical axis names;
 `sharding.RULES` maps them to the mesh. Parameters are created already
 sharded (`init_sharded`: jit of the constructor with out_shardings).
 
@@ -19,11 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -36,6 +53,11 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # the [T,T] attention scores and elementwise ops are recomputed.
 REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+ROPE_TYPES = ("default", "llama3", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +77,48 @@ class ModelConfig:
   max_seq_len: int = 2048
   param_dtype: str = "float32"
   dtype: str = "float32"            # compute dtype
+  # Architecture options (defaults: the Llama path, unchanged).
+  qk_norm: bool = False             # RMSNorm over head_dim of q and k before RoPE (Qwen3, Gemma 3)
+  norm_offset: float = 0.0          # RMSNorm multiplies by (norm_offset + w): Gemma's 1 + w
+  post_norms: bool = False          # RMSNorm on the attention and MLP outputs too (Gemma 2/3)
+  mlp_activation: str = "silu"      # gate activation: "silu" (SwiGLU) | "gelu_tanh" (GeGLU)
+  embed_scale: bool = False         # embeddings times sqrt(hidden_size) (Gemma)
+  query_pre_attn_scalar: float = 0.0  # scores scaled by this**-0.5 (0 -> head_dim**-0.5)
+  attn_logit_softcap: float = 0.0   # cap * tanh(scores / cap) (0 -> off)
+  final_logit_softcap: float = 0.0  # cap * tanh(logits / cap) (0 -> off)
+  rope_type: str = "default"        # "default" | "llama3" | "linear" (global layers)
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  sliding_window: int = 0           # window of "sliding_attention" layers (0 -> none)
+  layer_types: tuple[str, ...] = ()  # per layer: "full_attention" | "sliding_attention"; () -> all full
+  rope_local_theta: float = 0.0     # RoPE base of sliding layers (0 -> rope_theta), default RoPE
+  # Per-frequency divisors of the global layers' inverse frequencies ([head_dim/2]; () -> none):
+  # llama.cpp's rope_freqs.weight, how a GGUF stores Llama 3.1+ `llama3` scaling.
+  rope_freq_factors: tuple[float, ...] = ()
 
   def __post_init__(self):
     if self.head_dim == 0:
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+    object.__setattr__(self, "layer_types", tuple(self.layer_types))
+    object.__setattr__(self, "rope_freq_factors", tuple(float(f) for f in self.rope_freq_factors))
+    if self.rope_freq_factors and len(self.rope_freq_factors) != self.head_dim // 2:
+      raise ValueError(f"model.rope_freq_factors has {len(self.rope_freq_factors)} entries; "
+                       f"expected head_dim/2 = {self.head_dim // 2}")
+    if self.layer_types and len(self.layer_types) != self.num_layers:
+      raise ValueError(f"model.layer_types has {len(self.layer_types)} entries for "
+                       f"model.num_layers={self.num_layers}")
+    bad = set(self.layer_types) - set(LAYER_TYPES)
+    if bad:
+      raise ValueError(f"model.layer_types: unknown {sorted(bad)} (expected {list(LAYER_TYPES)})")
+    if "sliding_attention" in self.layer_types and self.sliding_window <= 0:
+      raise ValueError("model.layer_types has sliding_attention layers but model.sliding_window is 0")
+    if self.mlp_activation not in ACTIVATIONS:
+      raise ValueError(f"model.mlp_activation={self.mlp_activation!r}: expected one of "
+                       f"{sorted(ACTIVATIONS)}")
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"model.rope_type={self.rope_type!r}: expected one of {list(ROPE_TYPES)}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"model.num_heads={self.num_heads} must be a multiple of "
                        f"model.num_kv_heads={self.num_kv_heads}")
@@ -71,10 +131,15 @@ class ModelConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in dict(d).items() if k in names})
 
+  def is_local(self, i: int) -> bool:
+    """Whether layer `i` is a sliding-window layer."""
+    return bool(self.layer_types) and self.layer_types[i] == "sliding_attention"
+
   def num_params(self) -> int:
     d, f, l = self.hidden_size, self.intermediate_size, self.num_layers
     attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
     per_layer = attn + 3 * d * f + 2 * d
+    per_layer += 2 * self.head_dim * self.qk_norm + 2 * d * self.post_norms
     head = 0 if self.tie_embeddings else self.vocab_size * d
     return l * per_layer + self.vocab_size * d + head + d
 
@@ -106,22 +171,67 @@ def _param(rngs: nnx.Rngs, shape, names, dtype, init=_init) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
+  """RMSNorm; with `offset` the scale is (offset + w), w initialised to 0 (Gemma)."""
 
-  def __init__(self, dim: int, eps: float, dtype, *, rngs: nnx.Rngs):
+  def __init__(self, dim: int, eps: float, dtype, *, rngs: nnx.Rngs, offset: float = 0.0):
     del rngs
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), dtype), out_sharding=("norm",))
+    self.offset = offset
+    init = jnp.zeros if offset else jnp.ones
+    self.scale = nnx.Param(init((dim,), dtype), out_sharding=("norm",))
 
   def __call__(self, x):
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    scale = self.scale[...].astype(jnp.float32)
+    if self.offset:
+      scale = self.offset + scale
+    return (y * scale).astype(x.dtype)
 
 
-def rope(x, positions, theta: float):
-  """Rotary embedding, half-split (HF Llama `rotate_half`) layout. x: [B,T,H,D]."""
+def rope_frequencies(cfg: ModelConfig, local: bool) -> np.ndarray | None:
+  """Inverse frequencies [head_dim/2] of a scaled or local RoPE; None for the default one.
+
+  Computed in float32 with transformers' formulas (`_compute_llama3_parameters`,
+  `_compute_linear_scaling_rope_parameters`)."""
+  d = cfg.head_dim
+  if local:
+    if not cfg.rope_local_theta or cfg.rope_local_theta == cfg.rope_theta:
+      return None if cfg.rope_type == "default" else _base_freq(cfg.rope_theta, d)
+    return _base_freq(cfg.rope_local_theta, d)
+  if cfg.rope_freq_factors:
+    scaled = dataclasses.replace(cfg, rope_freq_factors=())
+    inv = rope_frequencies(scaled, False)
+    inv = _base_freq(cfg.rope_theta, d) if inv is None else inv
+    return (inv / np.asarray(cfg.rope_freq_factors, np.float32)).astype(np.float32)
+  if cfg.rope_type == "default":
+    return None
+  inv = _base_freq(cfg.rope_theta, d)
+  f = np.float32(cfg.rope_factor)
+  if cfg.rope_type == "linear":
+    return inv / f
+  old = cfg.rope_original_max_len
+  low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  wavelen = np.float32(2 * math.pi) / inv
+  out = np.where(wavelen > old / low, inv / f, inv)
+  smooth = ((old / wavelen - low) / (high - low)).astype(np.float32)
+  smoothed = (1 - smooth) * out / f + smooth * out
+  medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+  return np.where(medium, smoothed, out).astype(np.float32)
+
+
+def _base_freq(theta: float, d: int) -> np.ndarray:
+  exps = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
+  return (np.float32(1.0) / np.power(np.float32(theta), exps)).astype(np.float32)
+
+
+def rope(x, positions, theta: float, freq=None):
+  """Rotary embedding, half-split (HF Llama `rotate_half`) layout. x: [B,T,H,D].
+
+  `freq` [D/2] overrides the inverse frequencies `theta**(-2i/D)` (scaled RoPE)."""
   d = x.shape[-1]
-  freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  if freq is None:
+    freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
   ang = positions.astype(jnp.float32)[..., None] * freq            # [B,T,D/2]
   cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -143,21 +253,37 @@ class Attention(nnx.Module):
       self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), pd, zeros)
       self.k_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, zeros)
       self.v_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, zeros)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(hd, cfg.norm_eps, pd, rngs=rngs, offset=cfg.norm_offset)
+      self.k_norm = RMSNorm(hd, cfg.norm_eps, pd, rngs=rngs, offset=cfg.norm_offset)
 
-  def __call__(self, x, positions, mask, cache, cache_index):
+  def __call__(self, x, positions, mask, cache, cache_index, local=False):
+    """`local`: this layer is a sliding-window layer (a Python bool, or a traced bool in a scan)."""
     cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
     q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
     if cfg.qkv_bias:
       q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
-    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    freq = _select(local, rope_frequencies(cfg, True), rope_frequencies(cfg, False), cfg.head_dim,
+                   cfg.rope_theta)
+    q, k = rope(q, positions, cfg.rope_theta, freq), rope(k, positions, cfg.rope_theta, freq)
+    if cfg.sliding_window and local is not False:
+      t_, s_ = q.shape[1], mask.shape[-1]
+      near = ((cache_index + jnp.arange(t_))[:, None] - jnp.arange(s_)[None, :]) < cfg.sliding_window
+      if local is not True:
+        near = near | ~local
+      mask = mask & near[None]
     b, t, h, hd = q.shape
     kvh = k.shape[2]
-    q = q.reshape(b, t, kvh, h // kvh, hd) * (hd ** -0.5)
+    scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else hd ** -0.5
+    q = q.reshape(b, t, kvh, h // kvh, hd) * scale
+    cap = cfg.attn_logit_softcap or None
     if cache is not None and t == 1:                                    # one decode step
       out = _decode_attention(q[:, 0], k[:, 0].astype(dt), v[:, 0].astype(dt), cache["k"].astype(dt),
-                              cache["v"].astype(dt), mask[:, 0], cache_index).reshape(b, t, h, hd)
+                              cache["v"].astype(dt), mask[:, 0], cache_index, cap).reshape(b, t, h, hd)
     if cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
@@ -168,13 +294,26 @@ class Attention(nnx.Module):
       g = h // kvh
       k, v = jnp.repeat(k.astype(dt), g, axis=2), jnp.repeat(v.astype(dt), g, axis=2)
       scores = jnp.einsum("bthd,bshd->bhts", q.reshape(b, t, h, hd), k).astype(jnp.float32)
+      if cap:
+        scores = cap * jnp.tanh(scores / cap)
       scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(scores, axis=-1).astype(dt)
       out = jnp.einsum("bhts,bshd->bthd", probs, v)
     return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), cache
 
 
-def _decode_attention(q, k_new, v_new, k_cache, v_cache, mask, index):
+def _select(local, a, b, d: int, theta: float):
+  """RoPE inverse frequencies for a layer: `a` (local) or `b` (global); None = the default
+  RoPE computed in `rope` (the unchanged Llama path). `local` may be traced (scan)."""
+  if local is True or local is False:
+    return a if local else b
+  if a is None and b is None:
+    return None
+  base = _base_freq(theta, d)
+  return jnp.where(local, base if a is None else a, base if b is None else b)
+
+
+def _decode_attention(q, k_new, v_new, k_cache, v_cache, mask, index, softcap=None):
   """Single-query attention; same result as writing (k_new, v_new) at `index` and attending.
 
   q [B,KV,G,D], k_new/v_new [B,KV,D], caches [B,S,KV,D] (before the update), mask [B,S].
@@ -193,6 +332,8 @@ def _decode_attention(q, k_new, v_new, k_cache, v_cache, mask, index):
   scores = jnp.einsum("bsc,bcj->bsj", k_cache.reshape(b, s, kvh * hd), qb,
                       preferred_element_type=jnp.float32)                     # [B,S,(KV,G)]
   new = jnp.sum(q * k_new[:, :, None, :], -1, dtype=jnp.float32).reshape(b, 1, kvh * g)
+  if softcap:
+    scores, new = softcap * jnp.tanh(scores / softcap), softcap * jnp.tanh(new / softcap)
   here = (jnp.arange(s) == index)[None, :, None]
   scores = jnp.where(here, new, scores)
   scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
@@ -209,6 +350,7 @@ class MLP(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, f, pd = cfg.hidden_size, cfg.intermediate_size, DTYPES[cfg.param_dtype]
     self.dtype = DTYPES[cfg.dtype]
+    self.act = cfg.mlp_activation
     self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
     self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
     self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
@@ -217,21 +359,31 @@ class MLP(nnx.Module):
     dt = self.dtype
     g = x @ self.gate_proj[...].astype(dt)
     u = x @ self.up_proj[...].astype(dt)
-    return (jax.nn.silu(g) * u) @ self.down_proj[...].astype(dt)
+    return (ACTIVATIONS[self.act](g) * u) @ self.down_proj[...].astype(dt)
 
 
 class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     pd = DTYPES[cfg.param_dtype]
-    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, pd, rngs=rngs)
+    norm = functools.partial(RMSNorm, cfg.hidden_size, cfg.norm_eps, pd, rngs=rngs,
+                             offset=cfg.norm_offset)
+    self.post_norms = cfg.post_norms
+    self.attn_norm = norm()
     self.attn = Attention(cfg, rngs=rngs)
-    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, pd, rngs=rngs)
+    self.mlp_norm = norm()
     self.mlp = MLP(cfg, rngs=rngs)
+    if cfg.post_norms:
+      self.attn_post_norm = norm()
+      self.mlp_post_norm = norm()
 
-  def __call__(self, x, positions, mask, cache, cache_index):
-    h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index)
+  def __call__(self, x, positions, mask, cache, cache_index, local=False):
+    h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index, local)
+    if self.post_norms:
+      h = self.attn_post_norm(h)
     x = x + h
+    if self.post_norms:
+      return x + self.mlp_post_norm(self.mlp(self.mlp_norm(x))), cache
     return x + self.mlp(self.mlp_norm(x)), cache
 
 
@@ -243,7 +395,7 @@ class Llama(nnx.Module):
     self.cfg = cfg
     self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
     self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, pd, rngs=rngs)
+    self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, pd, rngs=rngs, offset=cfg.norm_offset)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
 
@@ -258,7 +410,10 @@ class Llama(nnx.Module):
     if remat != "none" and cache is not None:
       raise ValueError("remat is for training (no KV cache)")
     dt = DTYPES[self.cfg.dtype]
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+    x = jnp.take(self.embed[...], tokens, axis=0)
+    if self.cfg.embed_scale:      # as transformers: sqrt(hidden) rounded to the weight dtype
+      x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), jnp.float32).astype(x.dtype)
+    x = x.astype(dt)
     new_cache = [] if cache is not None else None
     if cache is None and remat != "none":
       # A scan over the layers (their parameters stacked: one extra copy) with a
@@ -267,11 +422,21 @@ class Llama(nnx.Module):
       # unrolled loop of checkpointed blocks, which then saves little memory).
       graphdef = nnx.graphdef(self.layers[0])
       stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(l) for l in self.layers])
-      body = lambda x, st: (nnx.merge(graphdef, st)(x, positions, mask, None, 0)[0], None)
-      x, _ = jax.lax.scan(jax.checkpoint(body, policy=REMAT_POLICIES[remat]), x, stacked)
+      # Mixed sliding/global layers: each layer's kind is scanned along as a bool.
+      kinds = [self.cfg.is_local(i) for i in range(self.cfg.num_layers)]
+      mixed = len(set(kinds)) > 1
+      flags = jnp.asarray(kinds) if mixed else None
+
+      def body(x, xs):
+        st, flag = xs
+        local = flag if mixed else kinds[0]
+        return nnx.merge(graphdef, st)(x, positions, mask, None, 0, local)[0], None
+
+      x, _ = jax.lax.scan(jax.checkpoint(body, policy=REMAT_POLICIES[remat]), x, (stacked, flags))
       return self.final_norm(x), None
     for i, layer in enumerate(self.layers):
-      x, c = layer(x, positions, mask, None if cache is None else cache[i], cache_index)
+      x, c = layer(x, positions, mask, None if cache is None else cache[i], cache_index,
+                   self.cfg.is_local(i))
       if cache is not None:
         new_cache.append(c)
     return self.final_norm(x), new_cache
@@ -280,7 +445,11 @@ class Llama(nnx.Module):
     """LM head: [B,T,D] hidden states -> [B,T,V] f32 logits."""
     dt = DTYPES[self.cfg.dtype]
     head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-    return jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+    if self.cfg.final_logit_softcap:
+      cap = self.cfg.final_logit_softcap
+      logits = cap * jnp.tanh(logits / cap)
+    return logits
 
   def init_cache(self, batch: int, length: int, dtype=None) -> list[dict[str, jax.Array]]:
     cfg = self.cfg

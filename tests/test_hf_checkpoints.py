@@ -145,9 +145,9 @@ def test_config_mapping():
                                "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}},
                               "c.json")
   assert qwen.qkv_bias and qwen.max_seq_len == 32768 and qwen.num_kv_heads == 4
-  with pytest.raises(ValueError, match=r"^unsupported RoPE scaling 'llama3' in c.json"):
+  with pytest.raises(ValueError, match=r"^unsupported RoPE scaling 'yarn' in c.json"):
     hf_ckpt.model_config({**base, "architectures": ["LlamaForCausalLM"],
-                          "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "c.json")
+                          "rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5}}, "c.json")
   with pytest.raises(ValueError, match=r"^unsupported architecture GPT2LMHeadModel in c.json"):
     hf_ckpt.model_config({**base, "architectures": ["GPT2LMHeadModel"]}, "c.json")
   with pytest.raises(ValueError, match=r"c.json: missing config field num_attention_heads"):

@@ -1,7 +1,8 @@
 """Export an LM to a Hugging Face directory that `transformers` loads.
 
-Writes config.json (LlamaForCausalLM, or Qwen2ForCausalLM when the model has
-q/k/v biases), generation_config.json, `model.safetensors` (or shards plus
+Writes config.json (LlamaForCausalLM; Qwen2ForCausalLM when the model has
+q/k/v biases; Qwen3ForCausalLM with q/k norms; Gemma3ForCausalLM with Gemma's
+post-norms: see `family`), generation_config.json, `model.safetensors` (or shards plus
 `model.safetensors.index.json`) with the vocabulary un-padded, and the
 tokenizer files. Every process takes part in the gathers
 (`process_allgather`); only process 0 writes. Parameters are gathered one
@@ -44,26 +45,83 @@ def _write_json(path: str, obj: dict[str, Any]) -> None:
     f.write("\n")
 
 
+def family(cfg: model_lib.ModelConfig) -> str:
+  """The transformers family that expresses `cfg`: "gemma3", "qwen3", "qwen2" or "llama".
+
+  Raises a one-line ValueError for option combinations no exported family has."""
+  if cfg.post_norms:
+    fam = "gemma3"
+    ok = (cfg.qk_norm and cfg.norm_offset == 1.0 and cfg.embed_scale and not cfg.qkv_bias
+          and cfg.mlp_activation == "gelu_tanh")
+  else:
+    fam = "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+    ok = (not cfg.norm_offset and not cfg.embed_scale and cfg.mlp_activation == "silu"
+          and not cfg.query_pre_attn_scalar and not cfg.attn_logit_softcap
+          and not cfg.final_logit_softcap and not cfg.sliding_window
+          and (fam == "llama" or cfg.rope_type == "default"))
+  if cfg.rope_freq_factors:
+    raise ValueError("cannot export RoPE frequency factors (a GGUF's rope_freqs.weight) to Hugging "
+                     "Face format: export from the model's Hugging Face directory instead")
+  if not ok:
+    raise ValueError(f"cannot export this model configuration to Hugging Face format (no "
+                     f"transformers family has this combination of options; nearest: {fam})")
+  return fam
+
+
+def _rope_parameters(cfg: model_lib.ModelConfig) -> dict[str, Any]:
+  out: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": cfg.rope_type}
+  if cfg.rope_type != "default":
+    out["factor"] = cfg.rope_factor
+  if cfg.rope_type == "llama3":
+    out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+               original_max_position_embeddings=cfg.rope_original_max_len)
+  return out
+
+
+def _int_if_whole(x: float) -> int | float:
+  """transformers' strict configs want an int where the value is one (query_pre_attn_scalar)."""
+  return int(x) if float(x).is_integer() else x
+
+
+_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+          "gemma3": "Gemma3ForCausalLM"}
+_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+
+
 def hf_config(cfg: model_lib.ModelConfig, vocab_size: int, *, bos_id: int | None, eos_id: int,
               dtype: str) -> dict[str, Any]:
-  """config.json contents for our ModelConfig."""
-  qwen = cfg.qkv_bias
+  """config.json contents for our ModelConfig (LlamaForCausalLM, Qwen2/Qwen3ForCausalLM or
+  Gemma3ForCausalLM, see `family`)."""
+  fam = family(cfg)
   out: dict[str, Any] = {
-      "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-      "model_type": "qwen2" if qwen else "llama",
+      "architectures": [_ARCHS[fam]], "model_type": _MODEL_TYPES[fam],
       "vocab_size": vocab_size, "hidden_size": cfg.hidden_size,
       "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
       "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
       "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
       "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-      "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+      "rope_parameters": _rope_parameters(cfg),
       "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": bos_id, "eos_token_id": eos_id,
       "dtype": dtype, "torch_dtype": dtype, "use_cache": True,
   }
-  if qwen:
+  if fam in ("qwen2", "qwen3"):
     out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
-  else:
+    if fam == "qwen3":
+      out.update(attention_bias=cfg.qkv_bias)
+  elif fam == "llama":
     out.update(attention_bias=False, mlp_bias=False)
+  else:
+    del out["hidden_act"], out["rope_theta"]
+    types = list(cfg.layer_types or ["full_attention"] * cfg.num_layers)
+    local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+    out.update(
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.head_dim),
+        sliding_window=cfg.sliding_window or None, layer_types=types,
+        attn_logit_softcapping=cfg.attn_logit_softcap or None,
+        final_logit_softcapping=cfg.final_logit_softcap or None,
+        use_bidirectional_attention=False, attention_bias=False,
+        rope_parameters={"full_attention": _rope_parameters(cfg), "sliding_attention": local})
   return out
 
 
@@ -178,7 +236,7 @@ def export_hf(lm: model_lib.LM, vocab_or_tokenizer_source, out_dir: str, *,
   for file, shard in zip(names, shards):
     tensors = {}
     for name, leaf in shard:
-      hf_name, kind = layout.hf_entry(name)
+      hf_name, kind = layout.hf_entry(name, lm.cfg)
       host = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
       tensors[hf_name] = np.ascontiguousarray(layout.to_hf(kind, host, real_vocab).astype(np_dtype))
       weight_map[hf_name] = file

@@ -1,4 +1,11 @@
-"""GGUF checkpoints (llama.cpp): architectures "llama" and "qwen2".
+"""GGUF checkpoints (llama.cpp): architectures "llama", "qwen2" and "qwen3".
+
+Refused in one line: Gemma GGUFs (they do not carry query_pre_attn_scalar,
+the sliding/global layer pattern or the sliding layers' RoPE base, which
+llama.cpp hard-codes per model size: load the HF directory). RoPE: `linear`
+scaling (rope.scaling.type/factor), and a `rope_freqs.weight` tensor (how
+llama.cpp stores Llama 3.1+ `llama3` scaling: per-frequency divisors) becomes
+`ModelConfig.rope_freq_factors` (such a model cannot be exported to HF).
 
 Tensors of type F32, F16, BF16, Q8_0, Q4_0 and Q4_1 are dequantised with
 `gguf.quants.dequantize` into the requested param dtype. A GGUF matrix is
@@ -23,7 +30,12 @@ from lmsi_jax.data import vocab as vocab_lib
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+_REFUSED = {
+    arch: ("a Gemma GGUF does not carry query_pre_attn_scalar, the sliding/global layer "
+           "pattern or the sliding layers' RoPE base (llama.cpp hard-codes them); load the "
+           "Hugging Face directory instead")
+    for arch in ("gemma", "gemma2", "gemma3")}
 
 _TOP = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
         "model.norm.weight": "output_norm.weight"}
@@ -33,7 +45,9 @@ _LAYER = {"input_layernorm.weight": "attn_norm.weight",
           "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
           "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
           "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
-          "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+          "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+          "self_attn.q_norm.weight": "attn_q_norm.weight",
+          "self_attn.k_norm.weight": "attn_k_norm.weight"}
 
 
 def gguf_name(hf_name: str) -> str:
@@ -96,6 +110,8 @@ def model_config(meta: dict[str, Any], tensors: dict[str, Any], where: str, *,
                  max_seq_len: int | None = None) -> tuple[model_lib.ModelConfig, int]:
   """(ModelConfig, real vocabulary size) from GGUF metadata and tensor table."""
   arch = meta.get("general.architecture")
+  if arch in _REFUSED:
+    raise ValueError(f"unsupported architecture {arch} in {where}: {_REFUSED[arch]}")
   if arch not in ARCHITECTURES:
     raise ValueError(f"unsupported architecture {arch} in {where} (supported: {list(ARCHITECTURES)})")
 
@@ -106,8 +122,14 @@ def model_config(meta: dict[str, Any], tensors: dict[str, Any], where: str, *,
     return value
 
   scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-  if scaling not in ("none", None):
-    raise ValueError(f"unsupported RoPE scaling {scaling!r} in {where}")
+  if scaling not in ("none", None, "linear"):
+    raise ValueError(f"unsupported RoPE scaling {scaling!r} in {where} (supported: none, linear)")
+  rope: dict[str, Any] = {}
+  if scaling == "linear":
+    rope = dict(rope_type="linear", rope_factor=float(get("rope.scaling.factor")))
+  if "rope_freqs.weight" in tensors:       # Llama 3.1+ `llama3` scaling, as per-frequency factors
+    factors = _TensorSource(tensors["rope_freqs.weight"], where)
+    rope["rope_freq_factors"] = tuple(float(f) for f in factors.read((slice(None),)))
   if "token_embd.weight" not in tensors:
     raise ValueError(f"token_embd.weight: missing in {where}")
   real_vocab = int(tensors["token_embd.weight"].shape[1])
@@ -120,7 +142,9 @@ def model_config(meta: dict[str, Any], tensors: dict[str, Any], where: str, *,
       head_dim=int(get("attention.key_length", hidden // heads)),
       rope_theta=float(get("rope.freq_base", 10_000.0)),
       norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-      tie_embeddings="output.weight" not in tensors, qkv_bias=arch == "qwen2",
+      tie_embeddings="output.weight" not in tensors,
+      qkv_bias=arch == "qwen2" or (arch == "qwen3" and "blk.0.attn_q.bias" in tensors),
+      qk_norm=arch == "qwen3", **rope,
       max_seq_len=int(max_seq_len or get("context_length", 2048)),
       param_dtype=param_dtype, dtype=dtype)
   return cfg, real_vocab

@@ -1,13 +1,15 @@
 """Hugging Face checkpoint directories: config.json + (sharded) safetensors.
 
-Supports LlamaForCausalLM (Llama 2/3, SmolLM2), MistralForCausalLM and
-Qwen2ForCausalLM. Every tensor is read straight into its sharded array: a
+Supports LlamaForCausalLM (Llama 2, Llama 3.x with `llama3` RoPE scaling,
+SmolLM2), MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and
+Gemma3ForCausalLM (Gemma 3 text: interleaved sliding-window layers). Every tensor is read straight into its sharded array: a
 device's callback reads only its block of the safetensors tensor via
 `safe_open(...).get_slice(name)[rows, cols]` (no tensor is read whole).
 
-Sliding-window attention (Mistral, Qwen2 with `use_sliding_window`) is not
-implemented by the model; such checkpoints load with `max_seq_len` capped at
-the window, where full attention is exactly equivalent.
+Mistral / Qwen2 / Qwen3 with `use_sliding_window` load with `max_seq_len`
+capped at the window, where full attention is exactly equivalent (Gemma 3's
+sliding layers are run as sliding layers). RoPE scaling: `llama3` and
+`linear`; any other type is refused in one line.
 """
 
 from __future__ import annotations
@@ -26,10 +28,20 @@ from lmsi_jax.checkpoints import tokenizer as tok_lib
 from lmsi_jax.data import vocab as vocab_lib
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                 "Qwen2ForCausalLM": "qwen2"}
-_MODEL_TYPES = {v: k for k, v in ARCHITECTURES.items()}
-# What transformers 5 assumes when config.json omits the key (all three model classes).
-_DEFAULT_TIE = False
+                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                 "Gemma3ForCausalLM": "gemma3"}
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "gemma3_text": "Gemma3ForCausalLM"}
+# What transformers 5 assumes when config.json omits the key.
+_DEFAULT_TIE = {"gemma3": True}
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+_REFUSED_ARCHITECTURES = {
+    "Gemma3ForConditionalGeneration": "the multimodal Gemma 3 checkpoint (only the text model "
+                                      "Gemma3ForCausalLM is supported)",
+    "Gemma2ForCausalLM": "Gemma 2 (only Gemma 3 text is supported)",
+}
+ROPE_TYPES = ("default", "llama3", "linear")
 
 
 def read_json(path: str) -> dict[str, Any]:
@@ -40,14 +52,47 @@ def read_json(path: str) -> dict[str, Any]:
     raise ValueError(f"{path}: invalid JSON ({e})") from None
 
 
-def _rope_theta(hf: dict[str, Any], where: str) -> float:
-  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type not in (None, "default"):
+def _rope_options(rope: dict[str, Any], theta: float, where: str) -> dict[str, Any]:
+  """ModelConfig RoPE fields for one rope_parameters / rope_scaling dict."""
+  rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+  if rope_type not in ROPE_TYPES:
     raise ValueError(f"unsupported RoPE scaling {rope_type!r} in {where} "
-                     "(only the default rotary embedding is implemented)")
-  theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
-  return float(theta)
+                     f"(supported: {', '.join(ROPE_TYPES)})")
+  out: dict[str, Any] = dict(rope_theta=float(rope.get("rope_theta", theta)), rope_type=rope_type)
+  if rope_type != "default":
+    out["rope_factor"] = float(rope["factor"])
+  if rope_type == "llama3":
+    try:
+      out.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                 rope_high_freq_factor=float(rope["high_freq_factor"]),
+                 rope_original_max_len=int(rope["original_max_position_embeddings"]))
+    except KeyError as e:
+      raise ValueError(f"{where}: llama3 RoPE scaling without {e.args[0]}") from None
+  return out
+
+
+def _rope_config(hf: dict[str, Any], family: str, where: str) -> dict[str, Any]:
+  """RoPE fields: transformers 5 `rope_parameters` or the older rope_theta + rope_scaling."""
+  params = hf.get("rope_parameters")
+  if family == "gemma3":
+    if params and "full_attention" in params:
+      full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    else:
+      full, local = {**(hf.get("rope_scaling") or {})}, {}
+    out = _rope_options(full, hf.get("rope_theta", 1_000_000.0), where)
+    local_opts = _rope_options(local, hf.get("rope_local_base_freq", 10_000.0), where)
+    if local_opts["rope_type"] != "default":
+      raise ValueError(f"unsupported RoPE scaling {local_opts['rope_type']!r} on the sliding "
+                       f"layers in {where} (only the default rotary embedding there)")
+    out["rope_local_theta"] = local_opts["rope_theta"]
+    return out
+  rope = params or hf.get("rope_scaling") or {}
+  return _rope_options(rope, hf.get("rope_theta", 10_000.0), where)
+
+
+def _refuse_if(cond: bool, what: str, arch: str, where: str) -> None:
+  if cond:
+    raise ValueError(f"unsupported {what} for {arch} in {where}")
 
 
 def model_config(hf: dict[str, Any], where: str, *, param_dtype: str = "float32",
@@ -55,20 +100,26 @@ def model_config(hf: dict[str, Any], where: str, *, param_dtype: str = "float32"
   """Maps a transformers config.json (dict) to our ModelConfig (vocab padded to 128)."""
   archs = hf.get("architectures") or [_MODEL_TYPES.get(hf.get("model_type"), hf.get("model_type"))]
   arch = archs[0]
+  if arch in _REFUSED_ARCHITECTURES:
+    raise ValueError(f"unsupported architecture {arch} in {where}: {_REFUSED_ARCHITECTURES[arch]}")
   if arch not in ARCHITECTURES:
     raise ValueError(f"unsupported architecture {arch} in {where} (supported: {sorted(ARCHITECTURES)})")
   family = ARCHITECTURES[arch]
-  if hf.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} in {where} (only silu)")
-  if family != "qwen2" and (hf.get("attention_bias") or hf.get("mlp_bias")):
-    raise ValueError(f"unsupported attention_bias/mlp_bias=true for {arch} in {where}")
+  act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+  if act not in _ACTIVATIONS or (family != "gemma3" and act != "silu"):
+    raise ValueError(f"unsupported hidden_act {act!r} in {where} "
+                     f"(only {'gelu_pytorch_tanh or silu' if family == 'gemma3' else 'silu'})")
+  _refuse_if(family not in ("qwen2", "qwen3") and bool(hf.get("attention_bias")),
+             "attention_bias=true", arch, where)
+  _refuse_if(bool(hf.get("mlp_bias")), "mlp_bias=true", arch, where)
   try:
     heads = int(hf["num_attention_heads"])
     hidden = int(hf["hidden_size"])
+    layers = int(hf["num_hidden_layers"])
     cfg = dict(
         vocab_size=vocab_lib.padded_vocab_size(int(hf["vocab_size"])),
         hidden_size=hidden,
-        num_layers=int(hf["num_hidden_layers"]),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
         intermediate_size=int(hf["intermediate_size"]),
@@ -78,13 +129,34 @@ def model_config(hf: dict[str, Any], where: str, *, param_dtype: str = "float32"
     raise ValueError(f"{where}: missing config field {e.args[0]}") from None
   seq = int(hf.get("max_position_embeddings", 2048))
   window = hf.get("sliding_window")
-  if window and (family == "mistral" or hf.get("use_sliding_window")):
+  extra: dict[str, Any] = {}
+  if family == "gemma3":
+    _refuse_if(bool(hf.get("use_bidirectional_attention")), "use_bidirectional_attention=true",
+               arch, where)
+    types = hf.get("layer_types")
+    if types is None:                  # older configs: every sliding_window_pattern-th layer is global
+      pattern = int(hf.get("sliding_window_pattern", 6))
+      types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    extra = dict(qk_norm=True, norm_offset=1.0, post_norms=True, embed_scale=True,
+                 mlp_activation=_ACTIVATIONS[act],
+                 query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+                 # transformers' Gemma3Attention never passes attn_logit_softcapping to its
+                 # attention functions (Gemma 3 checkpoints set it to null): neither do we.
+                 attn_logit_softcap=0.0,
+                 final_logit_softcap=float(hf.get("final_logit_softcapping") or 0.0),
+                 layer_types=tuple(types),
+                 sliding_window=int(window or 0) if "sliding_attention" in types else 0)
+  elif window and (family == "mistral" or hf.get("use_sliding_window")):
+    # Sliding-window Mistral/Qwen: full attention is exact up to the window.
     seq = min(seq, int(window))
+  if family == "qwen3":
+    extra["qk_norm"] = True
   return model_lib.ModelConfig(
-      **cfg, rope_theta=_rope_theta(hf, where), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", _DEFAULT_TIE)),
-      qkv_bias=family == "qwen2", max_seq_len=int(max_seq_len or seq),
-      param_dtype=param_dtype, dtype=dtype)
+      **cfg, **_rope_config(hf, family, where), **extra,
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", _DEFAULT_TIE.get(family, False))),
+      qkv_bias=family == "qwen2" or (family == "qwen3" and bool(hf.get("attention_bias"))),
+      max_seq_len=int(max_seq_len or seq), param_dtype=param_dtype, dtype=dtype)
 
 
 class _SliceSource:

@@ -32,7 +32,15 @@ _LAYER_PARAMS = {
     "mlp.gate_proj": ("mlp.gate_proj.weight", "transpose"),
     "mlp.up_proj": ("mlp.up_proj.weight", "transpose"),
     "mlp.down_proj": ("mlp.down_proj.weight", "transpose"),
+    "attn.q_norm.scale": ("self_attn.q_norm.weight", "vec"),          # qk_norm (Qwen3, Gemma 3)
+    "attn.k_norm.scale": ("self_attn.k_norm.weight", "vec"),
+    "attn_post_norm.scale": ("post_attention_layernorm.weight", "vec"),   # post_norms (Gemma 3)
+    "mlp_post_norm.scale": ("post_feedforward_layernorm.weight", "vec"),
 }
+# With post_norms (Gemma 2/3), HF's post_attention_layernorm is the norm *after* attention;
+# the MLP's input norm is pre_feedforward_layernorm.
+_POST_NORM_LAYER_PARAMS = {**_LAYER_PARAMS,
+                           "mlp_norm.scale": ("pre_feedforward_layernorm.weight", "vec")}
 _TOP_PARAMS = {
     "embed": ("model.embed_tokens.weight", "embed"),
     "lm_head": ("lm_head.weight", "head"),
@@ -58,12 +66,12 @@ def param_name(path) -> str:
   return ".".join(parts)
 
 
-def hf_entry(name: str) -> tuple[str, str]:
-  """(HF tensor name, kind) for one of our parameter names."""
+def hf_entry(name: str, cfg: model_lib.ModelConfig | None = None) -> tuple[str, str]:
+  """(HF tensor name, kind) for one of our parameter names (of a model with config `cfg`)."""
   if name in _TOP_PARAMS:
     return _TOP_PARAMS[name]
   _, i, rest = name.split(".", 2)
-  hf, kind = _LAYER_PARAMS[rest]
+  hf, kind = (_POST_NORM_LAYER_PARAMS if cfg is not None and cfg.post_norms else _LAYER_PARAMS)[rest]
   return f"model.layers.{i}.{hf}", kind
 
 
@@ -171,7 +179,7 @@ def build_state(cfg: model_lib.ModelConfig, mesh, real_vocab: int,
 
   def load(path, leaf: jax.ShapeDtypeStruct):
     name = param_name(path)
-    hf_name, kind = hf_entry(name)
+    hf_name, kind = hf_entry(name, cfg)
     src = get_source(name, hf_name, hf_shape(kind, leaf.shape, real_vocab))
     blocks: dict[tuple, np.ndarray] = {}
 
