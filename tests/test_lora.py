@@ -148,6 +148,10 @@ def test_checkpoint_holds_the_adapter_only(trained):
   for a, b in zip(jax.tree.leaves(out.state), jax.tree.leaves(restored.state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert a.sharding == b.sharding
+  # Not loadable as a model on its own: one line saying what it is.
+  from lmsi_jax import models_io  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r"holds LoRA adapters only \(train\.lora\.rank=4\)"):
+    models_io.load_any(workdir, lm.mesh)
   # A different rank is a named shape mismatch, not a silent restart.
   with pytest.raises(ckpt_lib.ShapeMismatch, match=r"_proj_lora_a' has shape \(4, 8, 4\)"):
     lora.restore(workdir, lm, dataclasses.replace(LCFG, rank=2))
