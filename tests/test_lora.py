@@ -204,8 +204,10 @@ def test_sigkill_mid_run_then_resume_from_adapter(tmp_path):
   with np.load(tmp_path / "out.npz") as f:
     got = dict(f)
   assert got.keys() == straight.keys() and all(k.endswith(("_lora_a", "_lora_b")) for k in got)
+  # The worker runs with XLA's default CPU threading, the reference in this process with the
+  # caller's flags: float sums differ in the last bits (seen: 7e-6 relative after 20 steps).
   for k in got:
-    np.testing.assert_allclose(got[k], straight[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(got[k], straight[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 def test_peft_round_trip_equal_logits(mesh8, tmp_path):
