@@ -295,8 +295,9 @@ def restore(directory: str, lm: model_lib.LM, lcfg: LoraConfig, step: int | None
   its checkpoints/ folder), sharded on `lm.mesh`."""
   from lmsi_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   llm = apply(lm, lcfg, seed)
+  abstract = abstract_adapters(lm, lcfg, seed)
   with ckpt_lib._open(directory) as ckpt:  # pylint: disable=protected-access
-    params = ckpt.restore(ckpt_lib._step(ckpt, step), abstract_adapters(lm, lcfg, seed))["params"]  # pylint: disable=protected-access
+    params = ckpt.restore(ckpt_lib._step(ckpt, step), abstract)["params"]  # pylint: disable=protected-access
   return dataclasses.replace(llm, state=params)
 
 
