@@ -22,6 +22,7 @@ setup(
         "sentencepiece>=0.2",
         "safetensors>=0.4",
         "gguf>=0.10",
+        "qwix>=0.1.8",          # LoRA adapters (lmsi_jax/lora.py)
         "tqdm",
         "matplotlib",
         "tensorboardX",
@@ -35,6 +36,7 @@ setup(
             "torch==2.13.0",
             "transformers",
             "accelerate",
+            "peft",             # tests/test_lora.py: PEFT adapter round trip
             "nbclient",
             "nbformat",
             "ipykernel",

@@ -80,7 +80,14 @@ def base_config() -> ml_collections.ConfigDict:
       remat="none",
       # Logical input shards (0 = one per process). Fix it to make batches, and so
       # results, independent of how many processes run the job.
-      data_shards=0))
+      data_shards=0,
+      # LoRA (lmsi_jax/lora.py): rank 0 = off (full fine-tuning). Otherwise only adapters on
+      # the `targets` projections (q k v o gate up down, weight names, or path regexes like
+      # "layers/3/attn/q_proj") are trained, scaled by alpha/rank; rounds sample with the
+      # adapters merged into the weights. Stage 0 (base_train) is always full training.
+      lora=ml_collections.ConfigDict(dict(
+          rank=0, targets=("q", "k", "v", "o", "gate", "up", "down"), alpha=16.0,
+          dropout=0.0))))
   # Stage 0: train the base model from scratch on labeled seed data (built-in task).
   c.base_train = ml_collections.ConfigDict(dict(
       enabled=False, num_steps=0, learning_rate=1e-3, warmup_steps=100, schedule="cosine",
@@ -197,6 +204,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.train.data_shards >= 0, "train.data_shards", "must be >= 0 (0 = one per process)")
   from lmsi_jax import optim  # pylint: disable=g-import-not-at-top
   optim.train_config(c)         # every train.* value, named by its own key
+  from lmsi_jax import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  try:
+    lora_lib.LoraConfig.from_config(c.train.get("lora"))
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
   if c.base_train.enabled:
     check(c.base_train.num_steps >= 1, "base_train.num_steps", "must be >= 1 when enabled")
     optim.train_config(c, base=True)

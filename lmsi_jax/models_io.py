@@ -102,6 +102,10 @@ def _load_lmsi_checkpoint(path: str, mesh, **changes):
   if "model_config" not in meta:
     raise ValueError(f"config.model.checkpoint={path!r}: no model_config in its meta item "
                      "(not a checkpoint written by lmsi_jax.train?)")
+  if meta.get("lora"):
+    raise ValueError(f"config.model.checkpoint={path!r} holds LoRA adapters only (train.lora."
+                     f"rank={meta['lora'].get('rank')}), not a model: load its base model and "
+                     "apply them with lmsi_jax.lora.restore (or export it merged)")
   mcfg = dataclasses.replace(model_lib.ModelConfig.from_dict(meta["model_config"]), **changes)
   vocab = lmsi_vocabulary(path, meta, (os.path.abspath(path),))
   return ckpt_lib.restore_params(path, mcfg, mesh), vocab

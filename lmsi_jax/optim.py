@@ -122,6 +122,7 @@ def train_config(cfg, base: bool = False) -> TrainConfig:
   """The rounds' (or, with `base`, stage 0's) TrainConfig; a bad value names its own key."""
   d = dict(cfg.train)
   d.pop("data_shards")            # an input-pipeline setting (see Pipeline.train)
+  d.pop("lora", None)             # lora.LoraConfig (lmsi_jax/lora.py)
   if base:
     b = cfg.base_train
     d.update(num_steps=b.num_steps, learning_rate=b.learning_rate, warmup_steps=b.warmup_steps,

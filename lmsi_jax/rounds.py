@@ -39,6 +39,7 @@ from lmsi_jax import early_stop as early_stop_lib
 from lmsi_jax import evaluate as eval_lib
 from lmsi_jax import fileio
 from lmsi_jax import guard as guard_lib
+from lmsi_jax import lora as lora_lib
 from lmsi_jax import optim
 from lmsi_jax import problems
 from lmsi_jax import pseudo_labels as pl
@@ -60,7 +61,8 @@ PROBLEM = ("seed", "model", "task", "synthetic", "data", "guard.probe_n")
 SEED_KEYS = ("seed", "task", "synthetic", "data", "formats")
 BASE_TRAIN_KEYS = ("seed", "model", "train", "base_train")
 BASE_TRAIN_EXCLUDE = tuple(f"train.{k}" for k in (      # base_train.* sets these
-    "num_steps", "learning_rate", "warmup_steps", "schedule", "batch_size", "weight_decay"))
+    "num_steps", "learning_rate", "warmup_steps", "schedule", "batch_size", "weight_decay",
+    "lora"))                                            # stage 0 is always full training
 TRAIN_KEYS = ("seed", "model", "train", "rounds.pseudo_weight", "rounds.seed_weight",
               "rounds.previous_weight")
 EVAL_KEYS = PROBLEM + ("prompt_format", "eval", "voting.fallback_last_number",
@@ -230,8 +232,9 @@ class Pipeline:
   def train(self, lm, mixture, out_dir: str, *, base: bool = False, data_seed: int = 0,
             loss_fn=None, extra_keys: tuple[str, ...] = ()):
     tcfg = self.train_config(base)
+    lcfg = lora_lib.LoraConfig() if base else lora_lib.LoraConfig.from_config(self.cfg.train.lora)
     keys, exclude = ((BASE_TRAIN_KEYS, BASE_TRAIN_EXCLUDE) if base
-                     else (TRAIN_KEYS + tuple(extra_keys), ()))
+                     else (TRAIN_KEYS + tuple(extra_keys), () if lcfg.enabled else ("train.lora",)))
     st = self.stage(out_dir, keys, exclude=exclude,
                     inputs=[self.origin(lm), *self.task_stages(mixture)],
                     extra={"data_seed": data_seed})
@@ -241,10 +244,14 @@ class Pipeline:
         mixture, tcfg.seq_len, tcfg.batch_size, seed=data_seed,
         num_shards=self.cfg.train.data_shards, process_index=jax.process_index(),
         process_count=jax.process_count(), num_batches=tcfg.num_steps)
-    # train() donates its input state; the base model is reused by later stages.
-    lm = dataclasses.replace(lm, state=jax.tree.map(lambda x: x.copy(), lm.state))
+    if lcfg.enabled:    # only the adapters are trained (and donated); sample with them merged
+      lm = lora_lib.apply(lm, lcfg, self.cfg.seed)
+    else:     # train() donates its input state; the base model is reused by later stages.
+      lm = dataclasses.replace(lm, state=jax.tree.map(lambda x: x.copy(), lm.state))
     lm = train_lib.train(lm, batches, tcfg, out_dir, config_json=self.cfg.to_json(),
                          desc=os.path.relpath(out_dir, self.workdir), loss_fn=loss_fn)
+    if lcfg.enabled:
+      lm = lora_lib.merge(lm)
     cut = batches.truncated
     if jax.process_count() > 1:
       cut = int(np.sum(multihost_utils.process_allgather(np.array([cut]))))

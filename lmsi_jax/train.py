@@ -135,7 +135,7 @@ class TrainStep:
   """The compiled pieces for one (model, mesh, TrainConfig, loss_fn); see `make_train_step`."""
 
   def __init__(self, graphdef, abstract_params, param_shardings, mesh, tcfg: TrainConfig,
-               loss_fn: LossFn):
+               loss_fn: LossFn, frozen_shardings=None):
     self.mesh, self.tcfg, self.loss_fn = mesh, tcfg, loss_fn
     self.tx = make_optimizer(tcfg)
     self.param_shardings = param_shardings
@@ -151,19 +151,27 @@ class TrainStep:
                        f"data*fsdp size {sharding.batch_divisor(mesh)}")
     rep = NamedSharding(mesh, P())
     self._init = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
+    # LoRA (lora.py): `frozen` = the base weights, an extra input that is never donated.
+    frozen = () if frozen_shardings is None else (frozen_shardings,)
     self._step = jax.jit(functools.partial(self._train_step, graphdef),
-                         in_shardings=(param_shardings, self.opt_shardings, self.batch_sharding, rep),
+                         in_shardings=(param_shardings, self.opt_shardings, self.batch_sharding,
+                                       rep, *frozen),
                          out_shardings=(param_shardings, self.opt_shardings, rep),
                          donate_argnums=(0, 1))
 
-  def _train_step(self, graphdef, params, opt_state, batch, step):
+  def _train_step(self, graphdef, params, opt_state, batch, step, frozen=None):
     tcfg, k = self.tcfg, self.tcfg.grad_accum
     ctx = LossContext(step=step, rng=jax.random.fold_in(jax.random.key(tcfg.seed), step),
                       num_steps=tcfg.num_steps)
 
     def loss_sum(p, mb):
-      logits, _ = model_lib.forward(graphdef, p, mb["tokens"], mb["positions"],
-                                    model_lib.segment_mask(mb["segment_ids"]), remat=tcfg.remat)
+      args = (mb["tokens"], mb["positions"], model_lib.segment_mask(mb["segment_ids"]))
+      if frozen is None:
+        logits, _ = model_lib.forward(graphdef, p, *args, remat=tcfg.remat)
+      else:    # LoRA: p = the adapters; dropout keys differ from the loss's
+        from lmsi_jax import lora  # pylint: disable=g-import-not-at-top
+        logits, _ = lora.forward(graphdef, p, frozen, *args, remat=tcfg.remat,
+                                 rng=jax.random.fold_in(ctx.rng, 0x10A))
       out = self.loss_fn(logits, mb, ctx)
       return out[0], (out[1], dict(out[2]) if len(out) > 2 else {})
 
@@ -212,28 +220,36 @@ class TrainStep:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
             for k, v in local.items()}
 
-  def __call__(self, params, opt_state, batch: Batch, step: int):
+  def __call__(self, params, opt_state, batch: Batch, step: int, frozen=None):
     """One optimizer step: (params, opt_state, metrics). Donates params and opt_state."""
     if isinstance(next(iter(batch.values())), np.ndarray):
       batch = self.put_batch(batch)
     with jax.set_mesh(self.mesh):
-      return self._step(params, opt_state, batch, jnp.asarray(step, jnp.int32))
+      return self._step(params, opt_state, batch, jnp.asarray(step, jnp.int32),
+                        *(() if frozen is None else (frozen,)))
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_step(graphdef, treedef, leaves, mesh, tcfg: TrainConfig, loss_fn) -> TrainStep:
+def _cached_step(graphdef, treedef, leaves, mesh, tcfg: TrainConfig, loss_fn,
+                 frozen=None) -> TrainStep:
   abstract = treedef.unflatten([jax.ShapeDtypeStruct(s, d) for s, d, _ in leaves])
   shardings = treedef.unflatten([sh for _, _, sh in leaves])
-  return TrainStep(graphdef, abstract, shardings, mesh, tcfg, loss_fn)
+  frozen_sh = None if frozen is None else frozen[0].unflatten(list(frozen[1]))
+  return TrainStep(graphdef, abstract, shardings, mesh, tcfg, loss_fn, frozen_sh)
 
 
 def make_train_step(lm: model_lib.LM, tcfg: TrainConfig, loss_fn: LossFn | None = None) -> TrainStep:
-  """A (cached) TrainStep using the shardings that `lm.state` actually has."""
+  """A (cached) TrainStep using the shardings that `lm.state` actually has (a lora.LoraLM
+  trains `lm.state`, its adapters, over its `frozen` base weights)."""
   leaves, treedef = jax.tree.flatten(lm.state)
   info = tuple((tuple(x.shape), x.dtype, x.sharding) for x in leaves)
   key_cfg = dataclasses.replace(tcfg, log_every=1, checkpoint_every=1, max_to_keep=1)
+  frozen = getattr(lm, "frozen", None)
+  if frozen is not None:
+    f_leaves, f_treedef = jax.tree.flatten(frozen)
+    frozen = (f_treedef, tuple(x.sharding for x in f_leaves))
   return _cached_step(lm.graphdef, treedef, info, lm.mesh, key_cfg,
-                      loss_fn or cross_entropy_loss)
+                      loss_fn or cross_entropy_loss, frozen)
 
 
 def _finite(m: Mapping[str, float]) -> bool:
@@ -280,8 +296,9 @@ def train(lm: model_lib.LM, batches: Iterable[Batch], tcfg: TrainConfig, workdir
   `num_steps` exists, training is skipped and its params are returned.
   """
   step_fn = make_train_step(lm, tcfg, loss_fn)
+  frozen = getattr(lm, "frozen", None)    # a lora.LoraLM: lm.state = the adapters
   batches = batches if hasattr(batches, "__next__") else iter(batches)
-  done = lambda params: model_lib.LM(lm.cfg, lm.graphdef, params, lm.mesh)
+  done = lambda params: dataclasses.replace(lm, state=params)
   with contextlib.ExitStack() as stack:   # closes bar, writer, then ckpt (waits for saves)
     ckpt = stack.enter_context(ckpt_lib.Checkpointer(
         os.path.join(workdir, ckpt_lib.CHECKPOINT_SUBDIR), max_to_keep=tcfg.max_to_keep))
@@ -296,6 +313,8 @@ def train(lm: model_lib.LM, batches: Iterable[Batch], tcfg: TrainConfig, workdir
         return done(r["params"])
     meta = {"config": config_json, "model_config": dataclasses.asdict(lm.cfg),
             "train_config": dataclasses.asdict(tcfg)}
+    if frozen is not None:
+      meta["lora"] = dataclasses.asdict(lm.lora)
     if start is not None:     # the newest step that restores (a damaged one is moved aside)
       start, r = ckpt.restore_latest(step_fn.abstract_params, step_fn.abstract_opt_state, desc)
     if start is None:
@@ -349,7 +368,7 @@ def train(lm: model_lib.LM, batches: Iterable[Batch], tcfg: TrainConfig, workdir
     stack.callback(lambda: setattr(_Signals, "training", _Signals.training - 1))
     for i in range(start, tcfg.num_steps):
       batch = step_fn.put_batch(next(batches))
-      params, opt_state, metrics = step_fn(params, opt_state, batch, i)
+      params, opt_state, metrics = step_fn(params, opt_state, batch, i, frozen)
       pending.append((i, metrics))
       check(i - 1)  # one step behind: the host prepares the next batch while this one runs
       s = i + 1

@@ -2,7 +2,7 @@
 
   python tests/train_worker.py WORKDIR OUT.npz [STEP_DELAY_S]
 trains `TCFG` in WORKDIR (resuming if it has a checkpoint) and writes the
-final params to OUT.npz. Preempted (SIGTERM/SIGINT): one line, exit 128 + signal.
+final params to OUT.npz (with TRAIN_WORKER_LORA_RANK=r: LoRA adapters `LORA`, rank r). Preempted (SIGTERM/SIGINT): one line, exit 128 + signal.
 """
 from __future__ import annotations
 
@@ -69,10 +69,17 @@ def flat_params(state) -> dict[str, np.ndarray]:
   return {n: np.asarray(x) for n, x in zip(names, jax.tree.leaves(state))}
 
 
-def run(workdir: str, delay_s: float = 0.0, fail_at: int | None = None, **overrides):
+LORA = dict(alpha=8.0, targets=("q", "v", "o", "down"), dropout=0.1)
+
+
+def run(workdir: str, delay_s: float = 0.0, fail_at: int | None = None, lora_rank: int = 0,
+        **overrides):
   from lmsi_jax import model, sharding, train  # pylint: disable=g-import-not-at-top
   tcfg = train.TrainConfig.from_dict({**TCFG, **overrides})
   lm = model.LM.init(model.ModelConfig(**CFG), sharding.make_mesh((2, 2, 2)), seed=0)
+  if lora_rank:
+    from lmsi_jax import lora  # pylint: disable=g-import-not-at-top
+    lm = lora.apply(lm, lora.LoraConfig(rank=lora_rank, **LORA))
   batches = ArrayBatches(tcfg.batch_size, tcfg.seq_len, seed=1, delay_s=delay_s, fail_at=fail_at)
   return train.train(lm, batches, tcfg, workdir)
 
@@ -83,7 +90,8 @@ if __name__ == "__main__":
   jax.config.update("jax_num_cpu_devices", 8)
   from lmsi_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   try:
-    out = run(sys.argv[1], delay_s=float(sys.argv[3]) if len(sys.argv) > 3 else 0.0)
+    out = run(sys.argv[1], delay_s=float(sys.argv[3]) if len(sys.argv) > 3 else 0.0,
+              lora_rank=int(os.environ.get("TRAIN_WORKER_LORA_RANK", "0")))
   except train_lib.Preempted as e:
     print(f"lmsi_jax: {e}", file=sys.stderr)
     sys.exit(128 + e.signum)
