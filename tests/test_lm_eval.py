@@ -1,4 +1,6 @@
 """lm-evaluation-harness adapter: the harness runs our sampler and scorer on a local GSM8K task."""
+import dataclasses
+import glob
 import importlib
 import json
 import math
@@ -210,3 +212,72 @@ def test_local_gsm8k_task_runs_our_sampler_and_scorer(tiny, tmp_path):
     want = float(jnp.take_along_axis(lp, jnp.asarray(ids)[:, None], -1).sum())
     assert s["resps"][0][0] == pytest.approx(want, rel=1e-4, abs=1e-3)
   assert res[ROLL_TASK]["bits_per_byte,none"] > 0
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_through_model_args(smollm2_gguf, tmp_path):
+  """The real SmolLM2-135M-Instruct GGUF by `--model lmsi_jax --model_args checkpoint=...`:
+  two GSM8K questions, greedy 16-token answers equal to our sampler's, answer log-likelihoods
+  equal to a direct forward."""
+  from lm_eval.api.registry import get_model  # pylint: disable=g-import-not-at-top
+  import lmsi_jax.lm_eval_model  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  if os.environ.get("CI") == "true":
+    pytest.skip("SmolLM2 through lm_eval: ~1 min on 2 CPU cores; skipped under CI=true")
+  rows = gsm8k_rows(2)
+  write_tasks(tmp_path, rows, max_gen_toks=16)
+  model = get_model("lmsi_jax").create_from_arg_string(
+      f"checkpoint={smollm2_gguf},mesh_shape=-1x1x1,max_seq_len=512", {"batch_size": 8})
+  out = evaluate(model, tmp_path, [GEN_TASK, LL_TASK])
+  lm, vocab = model.lm, model.vocab
+  prompts = [f"Question: {r['question']}\nAnswer:" for r in rows]
+  ref = sampler.generate(lm, vocab, prompts, temperature=0.0, max_decode_steps=16,
+                         stop_strings=("Question:", "\n\n"), batch_size=8)
+  gen = {s["doc_id"]: s["resps"][0][0] for s in out["samples"][GEN_TASK]}
+  assert [gen[i] for i in range(len(rows))] == [r[0].text for r in ref]
+  assert any(t.strip() for t in gen.values())
+  for s in out["samples"][LL_TASK]:
+    (ctx, cont), = s["arguments"]
+    lp, greedy = direct_loglikelihood(lm, vocab, ctx, cont)
+    assert s["resps"][0][0][0] == pytest.approx(lp, rel=1e-3, abs=1e-2)
+    assert s["resps"][0][0][1] == greedy
+    assert lp < 0
+  assert set(out["results"][GEN_TASK]) >= {"exact_match,strict-match", "exact_match,flexible-extract"}
+  assert out["results"][LL_TASK]["perplexity,none"] > 1.0
+
+
+@pytest.mark.slow
+def test_command_line_with_a_training_directory(tmp_path, mesh8):
+  """README's command: `python -m lmsi_jax.lm_eval_model --model lmsi_jax --model_args
+  checkpoint=DIR/round_1/train,...` (lm_eval's own CLI, the model registered first)."""
+  from lmsi_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from lmsi_jax import models_io  # pylint: disable=g-import-not-at-top
+  tiny = model_lib.LM.init(model_lib.preset("tiny"), mesh8, seed=3)
+  train_dir = tmp_path / "round_1" / "train"
+  with ckpt_lib.Checkpointer(str(train_dir / ckpt_lib.CHECKPOINT_SUBDIR), async_save=False) as c:
+    c.save(2, tiny.state, meta={"config": json.dumps({"model": {"checkpoint": ""}}),
+                                "model_config": dataclasses.asdict(tiny.cfg), "step": 2})
+  tasks = tmp_path / "tasks"
+  tasks.mkdir()
+  rows = gsm8k_rows(2)
+  write_tasks(tasks, rows, max_gen_toks=8)
+  out = subprocess.run(
+      [sys.executable, "-m", "lmsi_jax.lm_eval_model", "--model", "lmsi_jax", "--model_args",
+       f"checkpoint={train_dir},mesh_shape=-1x1x1,batch_size=8", "--tasks", GEN_TASK,
+       "--include_path", str(tasks), "--output_path", str(tmp_path / "out"), "--log_samples"],
+      capture_output=True, text=True, cwd=REPO, timeout=600,
+      env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  (res_file,) = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
+  with open(res_file) as f:
+    res = json.load(f)
+  assert res["config"]["model"] == "lmsi_jax"
+  assert {"exact_match,strict-match", "exact_match,flexible-extract"} <= set(res["results"][GEN_TASK])
+  (samples_file,) = glob.glob(str(tmp_path / "out" / "**" / f"samples_{GEN_TASK}_*.jsonl"),
+                              recursive=True)
+  with open(samples_file) as f:
+    got = {s["doc_id"]: s["resps"][0][0] for s in map(json.loads, f) if s["filter"] == "strict-match"}
+  lm, vocab = models_io.load_any(str(train_dir), mesh8)
+  ref = sampler.generate(lm, vocab, [f"Question: {r['question']}\nAnswer:" for r in rows],
+                         temperature=0.0, max_decode_steps=8, stop_strings=("Question:", "\n\n"),
+                         batch_size=8)
+  assert [got[i] for i in range(len(rows))] == [r[0].text for r in ref]
