@@ -2,7 +2,7 @@
 
   python -m lmsi_jax.lm_eval_model --model lmsi_jax \
       --model_args checkpoint=WORKDIR/round_1/train,mesh_shape=-1x1x1,max_gen_toks=256 \
-      --tasks gsm8k --num_fewshot 5 --limit 50 --batch_size 16 --output_path out/
+      --batch_size 16 --tasks gsm8k --num_fewshot 5 --limit 50 --output_path out/
 
 is lm_eval's own command line (every `lm_eval` flag works) with the model
 "lmsi_jax" registered first: the harness has no plugin discovery, so a bare
@@ -129,6 +129,20 @@ class LmsiJaxLM(TemplateLM):
                                      max_seq_len=int(max_seq_len) if max_seq_len else None)
     self.lm, self.vocab = lm, vocab
     self.calls = {"generate_until": 0, "loglikelihood": 0, "loglikelihood_rolling": 0}
+
+  @classmethod
+  def create_from_arg_obj(cls, arg_dict, additional_config=None):
+    extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+    both = sorted(set(arg_dict) & set(extra))
+    if both:
+      raise ValueError(f"lmsi_jax model_args: {both[0]!r} is set by the harness (e.g. "
+                       f"--{both[0]}); leave it out of model_args")
+    return cls(**arg_dict, **extra)
+
+  @classmethod
+  def create_from_arg_string(cls, arg_string, additional_config=None):
+    return cls.create_from_arg_obj(_lm_eval_utils.simple_parse_args_string(arg_string),
+                                   additional_config)
 
   # --- tokenization (TemplateLM) --------------------------------------------------------
 

@@ -152,6 +152,8 @@ def test_registered_and_model_args_validated(tiny):
   lm, vocab = tiny
   with pytest.raises(ValueError, match=r"^lmsi_jax model_args: unknown key 'pretrained'"):
     lm_eval_model.LmsiJaxLM.create_from_arg_string("pretrained=gpt2")
+  with pytest.raises(ValueError, match=r"'batch_size' is set by the harness .*leave it out"):
+    lm_eval_model.LmsiJaxLM.create_from_arg_string("checkpoint=x,batch_size=8", {"batch_size": 1})
   with pytest.raises(ValueError, match="exactly one of checkpoint"):
     lm_eval_model.LmsiJaxLM()
   with pytest.raises(ValueError, match=r"mesh_shape='2,2': expected three integers"):
@@ -262,7 +264,7 @@ def test_command_line_with_a_training_directory(tmp_path, mesh8):
   write_tasks(tasks, rows, max_gen_toks=8)
   out = subprocess.run(
       [sys.executable, "-m", "lmsi_jax.lm_eval_model", "--model", "lmsi_jax", "--model_args",
-       f"checkpoint={train_dir},mesh_shape=-1x1x1,batch_size=8", "--tasks", GEN_TASK,
+       f"checkpoint={train_dir},mesh_shape=-1x1x1", "--batch_size", "8", "--tasks", GEN_TASK,
        "--include_path", str(tasks), "--output_path", str(tmp_path / "out"), "--log_samples"],
       capture_output=True, text=True, cwd=REPO, timeout=600,
       env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
