@@ -40,6 +40,8 @@ setup(
             "nbclient",
             "nbformat",
             "ipykernel",
+            "lm-eval",      # lmsi_jax.lm_eval_model (optional at run time)
+            "wandb",        # config.logging.wandb (optional at run time)
         ],
     },
 )

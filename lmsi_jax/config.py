@@ -138,6 +138,12 @@ def base_config() -> ml_collections.ConfigDict:
       conf_alpha_max=0.5,       # confidence loss (lmsi_jax/losses.py): weight of the student's
       conf_warmup_frac=0.2,     # hardened predictions, ramped up over this fraction of the steps,
       conf_threshold=0.0))      # on tokens where its max probability is at least this
+
+  # Weights & Biases beside TensorBoard (lmsi_jax/wandb_logger.py): off while project is "".
+  # The training scalars, each round's summary and a table of its sampled paths, votes and
+  # kept paths (the first table_questions questions; 0 = no table).
+  c.logging = ml_collections.ConfigDict(dict(wandb=ml_collections.ConfigDict(dict(
+      project="", entity="", name="", mode="online", dir="", table_questions=8))))
   return c
 
 
@@ -222,6 +228,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   from lmsi_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   check(bool(c.model.checkpoint) or c.model.preset in model_lib.PRESETS, "model.checkpoint",
         f"set it to a HF directory or .gguf file (or model.preset to one of {sorted(model_lib.PRESETS)})")
+  from lmsi_jax import wandb_logger  # pylint: disable=g-import-not-at-top
+  wandb_logger.validate(c, check)
   check(c.data.source in ("jsonl", "tfds"), "data.source", "expected 'jsonl' or 'tfds'")
   check(c.data.on_error in ("raise", "skip"), "data.on_error", "expected 'raise' or 'skip'")
   if c.task.name == "gsm8k" and c.data.source == "jsonl":

@@ -63,6 +63,7 @@ def main(argv):
   from lmsi_jax import distributed  # pylint: disable=g-import-not-at-top
   from lmsi_jax import multiseed  # pylint: disable=g-import-not-at-top
   from lmsi_jax import train  # pylint: disable=g-import-not-at-top
+  from lmsi_jax import wandb_logger  # pylint: disable=g-import-not-at-top
   try:
     config_lib.validate(cfg)
     seeds = multiseed.parse_seeds(_SEEDS.value) if _SEEDS.value is not None else None
@@ -82,7 +83,8 @@ def main(argv):
     return 2
   logging.info("overrides: %s", config_flags.get_override_values(flags.FLAGS["config"]))
   try:
-    with train.preemptible():    # SIGTERM/SIGINT: training saves its step, then exits here
+    # SIGTERM/SIGINT: training saves its step, then exits here. W&B: only with a project.
+    with train.preemptible(), wandb_logger.session(cfg, _WORKDIR.value):
       if seeds:
         agg = multiseed.run_seeds(cfg, _WORKDIR.value, seeds)
         if distributed.is_main_process():

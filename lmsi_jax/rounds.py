@@ -49,6 +49,7 @@ from lmsi_jax import selfgen
 from lmsi_jax import sharding
 from lmsi_jax import store as store_lib
 from lmsi_jax import train as train_lib
+from lmsi_jax import wandb_logger
 from lmsi_jax.data import features
 from lmsi_jax.data import jsonl
 from lmsi_jax.data import tasks
@@ -457,6 +458,7 @@ class Pipeline:
         rounds[-1]["guard"] = guard.history[-1]
         if guard.stopped_after == r:     # keep the last unflagged model
           current = previous_lm
+      wandb_logger.log_round(self.cfg, self.path(f"round_{r}"), rounds[-1])  # no-op without W&B
       if stopping:
         break
       previous_lm = current

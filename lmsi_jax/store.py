@@ -49,7 +49,7 @@ from lmsi_jax import fileio
 LEDGER, CONFIG, LOCK = "stages.json", "config.json", ".lock"
 # Where a run executes, not what it computes: never part of a fingerprint. (The mesh
 # may change the last bits of a reduction; a preempted job may resume on another slice.)
-OPERATIONAL = ("mode", "mesh", "distributed", "train.log_every", "train.checkpoint_every",
+OPERATIONAL = ("mode", "mesh", "distributed", "logging", "train.log_every", "train.checkpoint_every",
                "train.max_to_keep", "base_train.checkpoint_every")
 _RESTART_HINT = "rerun with --restart_from={} to start it and the stages after it over"
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from lmsi_jax import checkpoint as ckpt_lib
 from lmsi_jax import model as model_lib
 from lmsi_jax import sharding
+from lmsi_jax import wandb_logger
 from lmsi_jax.optim import TrainConfig, learning_rate_schedule, make_optimizer
 
 Batch = Mapping[str, Any]
@@ -355,6 +356,7 @@ def train(lm: model_lib.LM, batches: Iterable[Batch], tcfg: TrainConfig, workdir
         if writer is not None:
           for k, v in m.items():
             writer.add_scalar(f"{desc}/{k}", v, i)
+          wandb_logger.log_scalars(desc, m, i)      # no-op without a W&B session
         bar.update(1)
         tok_window += m["tokens"]
         if (i + 1) % tcfg.log_every == 0 or i + 1 == tcfg.num_steps:
