@@ -115,8 +115,7 @@ def _run(cfg) -> int:
     print(f"lmsi_jax: {e}", file=sys.stderr)
     return 128 + e.signum
   if distributed.is_main_process():
-    from lmsi_jax import report as report_lib  # pylint: disable=g-import-not-at-top
-    print(report_lib.to_markdown(report))
+    print(pipeline.to_markdown(report))
   return 0
 
 
