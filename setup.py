@@ -6,6 +6,8 @@ setup(
     version="0.1.0",
     description="JAX/TPU-native LMSI: self-consistency pseudo-labels, mixed formats, fine-tuning rounds.",
     packages=find_packages(include=["lmsi_jax", "lmsi_jax.*"]),
+    # The few-shot prompts (lmsi_jax/prompts/), read at run time: a non-editable install needs them.
+    package_data={"lmsi_jax": ["prompts/*.txt", "prompts/*.md"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",

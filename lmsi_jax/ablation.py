@@ -1,7 +1,7 @@
 """Studies on one base model: the format ablation (LMSI Table 5) and round strategies.
 
 `config.mode="format_ablation"`: stage 0 and the base evaluation run once
-(`Pipeline.run_base`, seed data in `config.formats`); then, from that base,
+(`rounds.run_base`, seed data in `config.formats`); then, from that base,
 the configured LMSI rounds run once per setting, each turning the same voted
 paths into pseudo-labels of different formats:
 
@@ -37,12 +37,14 @@ import time
 
 import numpy as np
 
+from lmsi_jax import context as context_lib
 from lmsi_jax import diagnostics
 from lmsi_jax import distributed
 from lmsi_jax import evaluate as eval_lib
 from lmsi_jax import fileio
 from lmsi_jax import formats as formats_lib
 from lmsi_jax import report as report_lib
+from lmsi_jax import results
 from lmsi_jax import rounds as rounds_lib
 
 FORMAT_SETTINGS = (("no_cot", ("few_shot_direct", "zero_shot_direct")),
@@ -51,100 +53,90 @@ FORMAT_SETTINGS = (("no_cot", ("few_shot_direct", "zero_shot_direct")),
 STRATEGIES = ("continue", "restart")
 
 
-class Setting(rounds_lib.Pipeline):
-  """A study's pipeline (same model, data, seed task, exemplars) with its own config and
-  directory DIR/<name>/; paths under a `shared` prefix resolve to another directory."""
-
-  def __init__(self, study: rounds_lib.Pipeline, cfg, name: str,
-               shared: dict[tuple[str, ...], str] | None = None):  # pylint: disable=super-init-not-called
-    self.__dict__.update(study.__dict__)
-    self.cfg, self.workdir, self.shared = cfg, study.path(name), shared or {}
-    self.view = name          # its stages are checked against its own config
-
-  def path(self, *parts: str) -> str:
-    for prefix, root in self.shared.items():
-      if parts[:len(prefix)] == prefix:
-        return os.path.join(root, *parts)
-    return os.path.join(self.workdir, *parts)
-
-
-def direct_eval(p: rounds_lib.Pipeline, lm, out_path: str) -> dict:
+def direct_eval(ctx, lm, out_path: str) -> results.DirectEvalResult:
   """Greedy accuracy with the direct prompt ("standard prompting"), cached in out_path."""
-  st = p.stage(out_path, rounds_lib.EVAL_KEYS, exclude=rounds_lib.EVAL_EXCLUDE,
-               inputs=[p.origin(lm), p.exemplar_stage()])
+  st = ctx.stage(out_path, context_lib.EVAL_KEYS, exclude=context_lib.EVAL_EXCLUDE,
+                 inputs=[ctx.origin(lm), ctx.exemplar_stage()])
   if st.done:
-    return fileio.read_json(out_path)
+    return results.DirectEvalResult.from_dict(fileio.read_json(out_path))
   st.begin(out_path)
-  fmt = "few_shot_direct" if p.problem.exemplars is not None else "zero_shot_direct"
-  qs = p.problem.eval
-  s = p.eval_settings(0.0)
-  prompts = [formats_lib.build_input(fmt, q["question"], p.problem.exemplars) for q in qs]
-  _, _, ok = eval_lib.greedy(lm, p.vocab, qs, prompts, s, seed=p.cfg.seed)
+  fmt = "few_shot_direct" if ctx.problem.exemplars is not None else "zero_shot_direct"
+  qs = ctx.problem.eval
+  s = ctx.eval_settings(0.0)
+  prompts = [formats_lib.build_input(fmt, q["question"], ctx.problem.exemplars) for q in qs]
+  _, _, ok = eval_lib.greedy(ctx.sampler_for(lm), qs, prompts, s, seed=ctx.cfg.seed)
   res = {"prompt_format": fmt, "greedy_acc": float(np.mean(ok)), "wall_s": st.elapsed()}
   distributed.write_json(out_path, res)
   st.finish(out_path, wall_s=res["wall_s"])
-  return res
+  return results.DirectEvalResult.from_dict(res)
 
 
 class _Study(abc.ABC):
-  """Base once, then `settings()` from it; `key` names the report entry."""
+  """Base once, then `settings()` from it, each a child context of the base's (same
+  model, data, seed task, exemplars; its own config and directory DIR/<name>/, some
+  paths shared with another setting); `key` names the report entry."""
   key: str
 
-  def __init__(self, cfg, workdir: str):
-    self.cfg, self.workdir = cfg, workdir
-    self.pipeline = rounds_lib.Pipeline(cfg, workdir)
+  def __init__(self, cfg, workdir: str, *, sampler=None, stages=rounds_lib.STAGES):
+    self.cfg, self.workdir, self.stages = cfg, workdir, stages
+    self.ctx = context_lib.build_context(cfg, workdir, sampler=sampler)
     for name, scfg, _ in self.settings():    # every setting's recorded stages, before any work
-      self.pipeline.store.check(scfg, view=name)
+      self.ctx.store.check(scfg, view=name)
 
   @abc.abstractmethod
   def settings(self) -> list[tuple[str, object, dict]]:
     """(name, config, shared round directories) for each setting, in report order."""
 
   def run(self) -> dict:
-    t0, p = time.time(), self.pipeline
-    base_lm, base_steps, base = p.run_base()
-    base_direct = direct_eval(p, base_lm, p.path("base", "direct_eval.json"))
+    t0 = time.time()
+    base = rounds_lib.run_base(self.ctx, self.stages)
+    ctx = base.ctx
+    base_direct = direct_eval(ctx, base.lm, ctx.path("base", "direct_eval.json"))
     table, all_rounds = {}, {}
     for name, cfg, shared in self.settings():
-      s = Setting(p, cfg, name, shared)
-      rows = s.run_lmsi(base_lm, base_steps, base["greedy_acc"])
-      direct = direct_eval(s, s.final_lm, s.path("direct_eval.json"))
-      last = rows[-1] if rows else base
+      s = ctx.child(cfg, name, shared)
+      lmsi = rounds_lib.run_lmsi(s, base, self.stages)
+      rows = lmsi.rows()
+      direct = direct_eval(s, lmsi.final_lm, s.path("direct_eval.json"))
+      last = rows[-1] if rows else base.eval
       own = [r for r in rows if s.path(f"round_{r['round']}") == os.path.join(s.workdir,
                                                                               f"round_{r['round']}")]
       table[name] = {
           "formats": list(cfg.formats), "init": cfg.rounds.init, "num_rounds": len(rows),
           "greedy_acc": last["greedy_acc"], "sc_acc": last["sc_acc"],
-          "direct_greedy_acc": direct["greedy_acc"],
+          "direct_greedy_acc": direct.greedy_acc,
           "num_records": sum(r["num_records"] for r in rows),
           "rounds": [{k: r[k] for k in ("round", "greedy_acc", "sc_acc", "num_pseudo_labels",
                                         "pseudo_label_precision")} for r in rows],
-          "early_stop": s.early_stop,
-          "wall_s": sum(r["wall_s"] for r in own) + direct["wall_s"]}   # its own stages
+          "early_stop": lmsi.early_stop,
+          "wall_s": sum(r["wall_s"] for r in own) + direct.wall_s}   # its own stages
       all_rounds[name] = rows
     main = next(iter(all_rounds)) if self.key == "strategies" else "all_four"
     rep = report_lib.build_report(
-        self.cfg, base, all_rounds[main], None, None,
-        wall_s=p.recorded_wall_s(),   # every stage once (the store's ledger)
+        self.cfg, base.eval.to_dict(), all_rounds[main], None, None,
+        wall_s=ctx.store.wall_s(),   # every stage once (the store's ledger)
         wall_s_this_invocation=time.time() - t0)
     rep.update(mode=self.cfg.mode, early_stop=table[main]["early_stop"])
-    rep["base"]["direct_greedy_acc"] = base_direct["greedy_acc"]
+    rep["base"]["direct_greedy_acc"] = base_direct.greedy_acc
     rep[self.key] = table
     if distributed.is_main_process():  # pylint: disable=protected-access
-      report_lib.write_report(rep, self.workdir)
+      report_lib.write_report(rep, self.workdir, sections=(markdown,))
     return rep
+
+  def to_markdown(self, rep: dict) -> str:
+    return report_lib.to_markdown(rep, sections=(markdown,))
 
 
 class FormatAblation(_Study):
   """LMSI Table 5 on the configured task: which pseudo-label formats to train on."""
   key = "format_ablation"
 
-  def __init__(self, cfg, workdir: str):
+  def __init__(self, cfg, workdir: str, **kw):
     missing = [f for f in formats_lib.FORMATS if f not in cfg.formats]
     if missing:
       raise ValueError(f"config.formats={tuple(cfg.formats)!r}: the format ablation trains the "
                        f"base on the seed data in all four formats; add {missing}")
-    super().__init__(cfg, workdir)
+    super().__init__(cfg, workdir, **kw)
 
   def settings(self):
     shared = {("round_1", "samples"): self.workdir, ("round_1", "selfgen"): self.workdir}

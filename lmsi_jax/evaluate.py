@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lmsi_jax import extractors
-from lmsi_jax import sampler
+from lmsi_jax import generation
 from lmsi_jax import voting
 
 
@@ -36,6 +36,27 @@ class EvalSettings:
   stop: str = "\nQ:"
   fallback_last_number: bool = False
   extractor: str = extractors.DEFAULT
+
+  def __post_init__(self):
+    self.sampling()          # the sampling knobs are validated where they are set
+
+  @classmethod
+  def from_config(cls, cfg, temperature: float) -> "EvalSettings":
+    """config.eval's settings at `temperature` (eval.temperature or eval.base_temperature)."""
+    e, t = cfg.eval, cfg.task
+    return cls(prompt_format=cfg.prompt_format, num_samples=e.num_samples,
+               temperature=temperature, top_k=e.top_k, top_p=e.top_p,
+               max_decode_steps=e.max_decode_steps, calibration_bins=e.calibration_bins,
+               batch_size=cfg.sampling.batch_size, answer_type=t.answer_type, cue=t.cue,
+               stop=t.stop, fallback_last_number=cfg.voting.fallback_last_number,
+               extractor=t.extractor)
+
+  def sampling(self) -> generation.SamplingSettings:
+    """The self-consistency samples' settings (`.greedy()` for the greedy decode)."""
+    return generation.SamplingSettings(
+        num_samples=self.num_samples, temperature=self.temperature, top_k=self.top_k,
+        top_p=self.top_p, max_decode_steps=self.max_decode_steps, stop_strings=(self.stop,),
+        batch_size=self.batch_size)
 
 
 def answers_of(texts: Sequence[str], s: EvalSettings,
@@ -104,30 +125,23 @@ def score_votes(votes: Sequence[voting.Vote], gold: Sequence[str], answer_type: 
   return np.array([v.answer is not None and v.answer == gi for v, gi in zip(votes, g)])
 
 
-def _generate_kwargs(s: EvalSettings, progress) -> dict:
-  return dict(top_k=s.top_k, top_p=s.top_p, max_decode_steps=s.max_decode_steps,
-              stop_strings=(s.stop,) if s.stop else (), batch_size=s.batch_size,
-              progress=progress)
-
-
-def greedy(lm, vocab, questions: Sequence[dict], prompts: Sequence[str], s: EvalSettings, *,
+def greedy(sampler, questions: Sequence[dict], prompts: Sequence[str], s: EvalSettings, *,
            seed: int, progress=None):
-  """Greedy decodes of `prompts`: (samples [question][1], votes, correct bool array)."""
-  out = sampler.generate(lm, vocab, prompts, num_samples=1, temperature=0.0, seed=seed,
-                         **_generate_kwargs(s, progress))
+  """Greedy decodes of `prompts` by `sampler` (a generation.Sampler):
+  (samples [question][1], votes, correct bool array)."""
+  out = sampler.generate(prompts, s.sampling().greedy(), seed=seed, progress=progress)
   votes = [voting.majority_vote(answers_of([x[0].text], s)) for x in out]
   return out, votes, score_votes(votes, [q["answer"] for q in questions], s.answer_type)
 
 
-def evaluate(lm, vocab, questions: Sequence[dict], prompts: Sequence[str], s: EvalSettings, *,
+def evaluate(sampler, questions: Sequence[dict], prompts: Sequence[str], s: EvalSettings, *,
              seed: int, progress=None) -> dict:
-  """Greedy and self-consistency accuracy of `lm` on `questions` (gold in "answer")."""
+  """Greedy and self-consistency accuracy of `sampler`'s model on `questions` (gold in
+  "answer")."""
   gold = [q["answer"] for q in questions]
-  common = _generate_kwargs(s, progress)
-  greedy_out, g_votes, g_ok = greedy(lm, vocab, questions, prompts, s, seed=seed,
+  greedy_out, g_votes, g_ok = greedy(sampler, questions, prompts, s, seed=seed,
                                      progress=progress)
-  sc = sampler.generate(lm, vocab, prompts, num_samples=s.num_samples, temperature=s.temperature,
-                        seed=seed + 1, **common)
+  sc = sampler.generate(prompts, s.sampling(), seed=seed + 1, progress=progress)
   sc_answers = [answers_of([x.text for x in row], s) for row in sc]
   votes = [voting.majority_vote(a) for a in sc_answers]
   ok = score_votes(votes, gold, s.answer_type)

@@ -2,7 +2,8 @@
 
 A runner is a class built as `Runner(cfg, workdir)` (config and data errors
 raise ValueError here, before any work) whose `run()` returns the report
-dict and writes it under the workdir. Modules are imported only when their
+dict and writes it under the workdir, and whose `to_markdown(report)` is
+what the command line prints (report.py's sections plus the runner's own). Modules are imported only when their
 mode is selected. To add a mode, add one line here.
 """
 
@@ -18,9 +19,10 @@ MODES = {
 }
 
 
-def build(cfg, workdir: str):
-  """The configured mode's runner (call `.run()` on it)."""
+def build(cfg, workdir: str, **kw):
+  """The configured mode's runner (call `.run()` on it); `kw` go to its constructor (e.g.
+  `sampler=testing.ScriptedSampler(...)`)."""
   if cfg.mode not in MODES:
     raise ValueError(f"config.mode={cfg.mode!r}: expected one of {sorted(MODES)}")
   module, name = MODES[cfg.mode].split(":")
-  return getattr(importlib.import_module(module), name)(cfg, workdir)
+  return getattr(importlib.import_module(module), name)(cfg, workdir, **kw)

@@ -24,7 +24,7 @@ import numpy as np
 from lmsi_jax import distributed
 from lmsi_jax import fileio
 from lmsi_jax import formats as formats_lib
-from lmsi_jax import sampler
+from lmsi_jax import generation
 from lmsi_jax import voting
 from lmsi_jax.data import jsonl
 
@@ -41,13 +41,21 @@ class VoteSettings:
   fallback_last_number: bool = False
   extractor: str = "lmsi"         # a lmsi_jax.extractors.EXTRACTORS name (task.extractor)
 
+  @classmethod
+  def from_config(cls, cfg) -> "VoteSettings":
+    t, v = cfg.task, cfg.voting
+    return cls(answer_type=t.answer_type, cue=t.cue, stop=t.stop,
+               min_vote_share=v.min_vote_share, max_paths=v.max_paths, dedup=v.dedup,
+               weighted=v.weighted, fallback_last_number=v.fallback_last_number,
+               extractor=t.extractor)
 
-def sample_pool(lm, vocab, questions: Sequence[dict], prompts: Sequence[str], out_dir: str, *,
-                num_samples: int, temperature: float, top_k: int, top_p: float,
-                max_decode_steps: int, stop: str, seed: int, batch_size: int,
-                questions_per_shard: int, progress: Callable[[int], None] | None = None
-                ) -> list[dict]:
-  """Samples every question (resumable per shard). Returns one record per question."""
+
+def sample_pool(sampler, questions: Sequence[dict], prompts: Sequence[str], out_dir: str,
+                settings: generation.SamplingSettings, *, seed: int, questions_per_shard: int,
+                progress: Callable[[int], None] | None = None) -> list[dict]:
+  """Samples every question with `sampler` (a generation.Sampler; resumable per shard).
+  Returns one record per question."""
+  num_samples = settings.num_samples
   records: list[dict] = []
   for start in range(0, len(questions), questions_per_shard):
     path = os.path.join(out_dir, f"shard_{start // questions_per_shard:05d}.jsonl")
@@ -61,11 +69,8 @@ def sample_pool(lm, vocab, questions: Sequence[dict], prompts: Sequence[str], ou
       if progress:
         progress(len(qs) * num_samples)
       continue
-    out = sampler.generate(
-        lm, vocab, prompts[start:start + questions_per_shard], num_samples=num_samples,
-        temperature=temperature, top_k=top_k, top_p=top_p, max_decode_steps=max_decode_steps,
-        stop_strings=(stop,) if stop else (), seed=seed, batch_size=batch_size,
-        prompt_offset=start, progress=progress)
+    out = sampler.generate(prompts[start:start + questions_per_shard], settings, seed=seed,
+                           prompt_offset=start, progress=progress)
     shard = [{"id": q["id"], "question": q["question"],
               "samples": [{"text": s.text, "mean_logprob": round(s.mean_logprob, 6),
                            "num_tokens": len(s.tokens), "stop_reason": s.stop_reason}

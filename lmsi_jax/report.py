@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable, Sequence
 
 from lmsi_jax import diagnostics
 from lmsi_jax import fileio
@@ -74,10 +75,9 @@ def build_report(cfg, base: dict, rounds: list[dict], oracle: dict | None, contr
   }
 
 
-def to_markdown(rep: dict) -> str:
-  if rep.get("mode") == "w2s":      # teacher -> student runs have their own table
-    from lmsi_jax import w2s  # pylint: disable=g-import-not-at-top
-    return w2s.to_markdown(rep)
+def to_markdown(rep: dict, sections: Sequence[Callable[[dict], list[str]]] = ()) -> str:
+  """report.md of an LMSI run; `sections`: the runner's own (e.g. a study's tables), each a
+  function of the report returning markdown lines, appended in order."""
   lines = ["# LMSI run report", "",
            "| model | greedy CoT | self-consistency | pseudo-label precision | mean vote share | wall (s) |",
            "|---|---|---|---|---|---|"]
@@ -105,9 +105,8 @@ def to_markdown(rep: dict) -> str:
   lines += extraction_markdown(rep)
   lines += diagnostics.markdown(rep)
   lines += _guard_markdown(rep.get("collapse_guard"))
-  if rep.get("format_ablation") or rep.get("strategies"):
-    from lmsi_jax import ablation  # pylint: disable=g-import-not-at-top
-    lines += ablation.markdown(rep)
+  for section in sections:
+    lines += section(rep)
   return "\n".join(lines) + "\n"
 
 
@@ -208,9 +207,15 @@ def save_png(fig, path: str) -> str:
   return path
 
 
-def write_report(rep: dict, workdir: str) -> None:
-  """Writes report.json, report.md and the plots (process 0 only; caller checks)."""
+def write_json(rep: dict, workdir: str) -> None:
   fileio.write_text_atomic(os.path.join(workdir, "report.json"),
                            json.dumps(rep, indent=1, sort_keys=True))
-  fileio.write_text_atomic(os.path.join(workdir, "report.md"), to_markdown(rep))
+
+
+def write_report(rep: dict, workdir: str,
+                 sections: Sequence[Callable[[dict], list[str]]] = ()) -> None:
+  """Writes report.json, report.md (with the runner's `sections`) and the plots (process 0
+  only; caller checks)."""
+  write_json(rep, workdir)
+  fileio.write_text_atomic(os.path.join(workdir, "report.md"), to_markdown(rep, sections))
   plot(rep, workdir)

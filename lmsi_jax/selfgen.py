@@ -47,12 +47,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lmsi_jax import context as context_lib
 from lmsi_jax import distributed
 from lmsi_jax import fileio
 from lmsi_jax import formats as formats_lib
 from lmsi_jax import problems
 from lmsi_jax import pseudo_labels as pl
-from lmsi_jax import sampler
 from lmsi_jax import voting
 from lmsi_jax.data import jsonl
 from lmsi_jax.data import synthetic
@@ -97,10 +97,10 @@ def confident_questions(sample_records: Sequence[dict], s: pl.VoteSettings,
   return out
 
 
-def _fits(p, lm, question: str) -> bool:
+def _fits(ctx, lm, question: str) -> bool:
   """Whether the question's sampling prompt plus the decode budget fits the model context."""
-  n = problems.prompt_tokens(p.problem, p.vocab, p.cfg.prompt_format, question)
-  return n + p.cfg.sampling.max_decode_steps <= lm.cfg.max_seq_len
+  n = problems.prompt_tokens(ctx.problem, ctx.vocab, ctx.cfg.prompt_format, question)
+  return n + ctx.sampling.max_decode_steps <= lm.cfg.max_seq_len
 
 
 def diagnostic_gold(problem_name: str, question: str) -> str | None:
@@ -113,14 +113,16 @@ def diagnostic_gold(problem_name: str, question: str) -> str | None:
     return None
 
 
-def generate_questions(p, lm, r: int) -> tuple[list[dict], dict]:
-  """Round r's kept self-generated questions (pool records) and the stage summary."""
-  from lmsi_jax import rounds  # pylint: disable=g-import-not-at-top
-  g, c = p.cfg.selfgen, p.cfg
+def generate_questions(ctx, lm, r: int) -> tuple[list[dict], dict]:
+  """Round r's kept self-generated questions (pool records) and the stage summary.
+
+  `ctx`: the run's context.RunContext (it samples with `ctx.sampler`)."""
+  from lmsi_jax import stages  # pylint: disable=g-import-not-at-top
+  p, g, c = ctx, ctx.cfg.selfgen, ctx.cfg
   d = p.path(f"round_{r}", "selfgen")
   q_path, sum_path = os.path.join(d, "questions.jsonl"), os.path.join(d, "summary.json")
   cand_path = os.path.join(d, "candidates.jsonl")
-  st = p.stage(d, rounds.SELFGEN_QUESTION_KEYS, exclude=("selfgen.exemplars", "selfgen.num_exemplars"),
+  st = p.stage(d, context_lib.SELFGEN_QUESTION_KEYS, exclude=("selfgen.exemplars", "selfgen.num_exemplars"),
                inputs=[p.origin(lm), p.exemplar_stage()], extra={"round": r})
   if st.done:
     return jsonl.read_jsonl(q_path), fileio.read_json(sum_path)
@@ -131,10 +133,9 @@ def generate_questions(p, lm, r: int) -> tuple[list[dict], dict]:
     rng = np.random.default_rng([c.seed, r, 31])
     seeds = [q["question"] for q in p.problem.pool[:g.seed_questions]]
     prompts = [question_prompt(seeds, rng, g.prompt_questions) for _ in range(g.num_questions)]
-    s = c.sampling
-    out = sampler.generate(lm, p.vocab, prompts, num_samples=1, temperature=s.temperature,
-                           top_k=s.top_k, top_p=s.top_p, max_decode_steps=g.max_question_tokens,
-                           stop_strings=("\n",), seed=c.seed * 3001 + r, batch_size=s.batch_size)
+    s = p.sampling.replace(num_samples=1, max_decode_steps=g.max_question_tokens,
+                           stop_strings=("\n",))
+    out = p.sampler_for(lm).generate(prompts, s, seed=c.seed * 3001 + r)
     existing = [q["question"] for q in p.problem.seed + p.problem.pool + p.problem.eval]
     cands = mark_candidates([row[0].text for row in out], existing)
     for i, cand in enumerate(cands):
@@ -145,7 +146,7 @@ def generate_questions(p, lm, r: int) -> tuple[list[dict], dict]:
       jsonl.write_jsonl_atomic(cand_path, cands)
   new = [{"id": x["id"], "question": x["question"], "answer": x["answer"], "cot": None}
          for x in cands if x["status"] == "new"]
-  samples = p.sample(lm, new, os.path.join(d, "samples"), c.seed * 1009 + r + 7919)
+  samples = stages.sample(p, lm, new, os.path.join(d, "samples"), p.sample_seed(r) + 7919)
   votes = confident_questions(samples, p.vote_settings, g.min_vote_share)
   kept = [q for q, v in zip(new, votes) if v["keep"]]
   scored = [v["answer"] == q["answer"] for q, v in zip(new, votes)
@@ -189,11 +190,11 @@ def exemplar_pairs(questions: Sequence[str], texts: Sequence[str], s: pl.VoteSet
   return pairs
 
 
-def generate_exemplars(p, lm) -> formats_lib.Exemplars:
+def generate_exemplars(ctx, lm) -> formats_lib.Exemplars:
   """The model's greedy zero-shot CoT answers as few-shot exemplars (cached on disk)."""
-  from lmsi_jax import rounds  # pylint: disable=g-import-not-at-top
+  p = ctx
   path = p.path("selfgen", "exemplars.json")
-  st = p.stage(path, rounds.SELFGEN_EXEMPLAR_KEYS, inputs=[p.origin(lm)])
+  st = p.stage(path, context_lib.SELFGEN_EXEMPLAR_KEYS, inputs=[p.origin(lm)])
   if st.done:
     d = fileio.read_json(path)
     return formats_lib.Exemplars(d["cot"], d["standard"])
@@ -202,10 +203,8 @@ def generate_exemplars(p, lm) -> formats_lib.Exemplars:
   order = np.random.default_rng([c.seed, 47]).permutation(len(p.problem.pool))
   qs = [p.problem.pool[i]["question"] for i in order[:EXEMPLAR_TRIES * n]]
   prompts = [formats_lib.build_input("zero_shot_cot", q) for q in qs]
-  out = sampler.generate(lm, p.vocab, prompts, num_samples=1, temperature=0.0,
-                         max_decode_steps=c.sampling.max_decode_steps,
-                         stop_strings=(c.task.stop,) if c.task.stop else (), seed=c.seed,
-                         batch_size=c.sampling.batch_size)
+  out = p.sampler_for(lm).generate(
+      prompts, p.sampling.greedy().replace(top_k=0, top_p=1.0), seed=c.seed)
   pairs = exemplar_pairs(qs, [row[0].text for row in out], p.vote_settings, n)
   if not pairs:
     raise ValueError(f"config.selfgen.exemplars=True: none of {len(qs)} greedy zero-shot CoT "

@@ -37,8 +37,10 @@ from lmsi_jax import fileio
 from lmsi_jax import losses as losses_lib
 from lmsi_jax import problems
 from lmsi_jax import pseudo_labels as pl
+from lmsi_jax import context as context_lib
 from lmsi_jax import report as report_lib
 from lmsi_jax import rounds
+from lmsi_jax import stages as stages_lib
 from lmsi_jax import store as store_lib
 from lmsi_jax.data import tasks
 
@@ -73,18 +75,20 @@ def easy_seed(problem: problems.Problem) -> list[dict]:
 class W2S:
   """The runner of `config.mode="w2s"` (see lmsi_jax/modes.py)."""
 
-  def __init__(self, cfg, workdir: str):
-    self.cfg, self.workdir = cfg, workdir
+  def __init__(self, cfg, workdir: str, *, sampler=None, stages=rounds.STAGES):
+    self.cfg, self.workdir, self.stages = cfg, workdir, stages
     w = cfg.w2s
     self.losses = {name: losses_lib.make_loss(name, alpha_max=w.conf_alpha_max,
                                               warmup_frac=w.conf_warmup_frac,
                                               threshold=w.conf_threshold)
                    for name in w.losses}
-    self.store = store_lib.open_store(workdir, cfg)      # one store for both pipelines
-    self.teacher = rounds.Pipeline(teacher_config(cfg), os.path.join(workdir, "w2s", "teacher"),
-                                   store=self.store, view="teacher")
-    self.student = rounds.Pipeline(student_config(cfg), os.path.join(workdir, "w2s", "student"),
-                                   store=self.store, view="student")
+    self.store = store_lib.open_store(workdir, cfg)      # one store for both contexts
+    self.teacher = context_lib.build_context(
+        teacher_config(cfg), os.path.join(workdir, "w2s", "teacher"), store=self.store,
+        view="teacher", sampler=sampler)
+    self.student = context_lib.build_context(
+        student_config(cfg), os.path.join(workdir, "w2s", "student"), store=self.store,
+        view="student", sampler=sampler)
     self.easy = easy_seed(self.student.problem)
     if (w.pretrain_steps or w.replay_weight) and not self.easy:
       raise ValueError("config.w2s.pretrain_steps / w2s.replay_weight need easy seed data "
@@ -93,15 +97,15 @@ class W2S:
   # ------------------------------------------------------------------ stages
   def teacher_labels(self, lm, steps: int) -> dict:
     """The teacher labels the pool (DIR/w2s/teacher/round_1/pseudo_labels.jsonl)."""
-    summary = self.teacher.sample_and_vote(lm, 1, steps)
-    if not summary["num_records"]:
+    summary = self.stages.sample_and_vote(self.teacher, lm, 1, steps)
+    if not summary.num_records:
       raise ValueError("w2s: the teacher's labels are empty (no sample reached an answer; see "
                        f"{self.teacher.path('round_1', 'vote_summary.json')})")
     return summary
 
   def _task(self, name: str, path: str, make_records):
     s = self.student
-    return s._labels_stage(path, make_records, f"lmsi_{s.problem.name}_w2s_{name}")  # pylint: disable=protected-access
+    return stages_lib.labels_stage(s, path, make_records, f"lmsi_{s.problem.name}_w2s_{name}")
 
   def pretrain_student(self):
     """Student stage 0 on the easy seed data (if any steps), and its evaluation."""
@@ -114,9 +118,9 @@ class W2S:
                                   round_index=0))
     lm = s.base_lm
     if cfg.w2s.pretrain_steps:
-      lm = s.train(lm, self.pretrain_task, s.path("pretrain", "train"), base=True,
-                   data_seed=cfg.seed + 1)
-    ev = s.evaluate(lm, s.path("pretrain", "eval.json"), cfg.eval.temperature, 100)
+      lm = self.stages.train(s, lm, self.pretrain_task, s.path("pretrain", "train"), base=True,
+                             data_seed=cfg.seed + 1)
+    ev = self.stages.evaluate(s, lm, s.path("pretrain", "eval.json"), cfg.eval.temperature, 100)
     return lm, ev
 
   def finetune(self, lm, arm: str, task, loss_name: str = "xent") -> dict:
@@ -126,15 +130,17 @@ class W2S:
     if cfg.w2s.replay_weight > 0:
       parts.append((self.pretrain_task, cfg.w2s.replay_weight))
     mix = tasks.register_mixture(f"lmsi_{s.problem.name}_w2s_{arm}_mix", parts)
-    out = s.train(lm, mix, s.path(arm, "train"), data_seed=cfg.seed + 1000,
-                  loss_fn=self.losses.get(loss_name), extra_keys=W2S_TRAIN_KEYS)
+    out = self.stages.train(s, lm, mix, s.path(arm, "train"), data_seed=cfg.seed + 1000,
+                            loss_fn=self.losses.get(loss_name), extra_keys=W2S_TRAIN_KEYS)
     # one sampling seed for every student evaluation: common random numbers
-    return s.evaluate(out, s.path(arm, "eval.json"), cfg.eval.temperature, 100)
+    return self.stages.evaluate(s, out, s.path(arm, "eval.json"), cfg.eval.temperature, 100)
 
   def run(self) -> dict:
     t0, cfg = time.time(), self.cfg
-    teacher_lm, steps, weak = self.teacher.run_base()   # the weak model: stage 0, evaluated
-    summary = self.teacher_labels(teacher_lm, steps)
+    teacher = rounds.run_base(self.teacher, self.stages)  # the weak model: stage 0, evaluated
+    self.teacher = teacher.ctx
+    weak = teacher.eval
+    summary = self.teacher_labels(teacher.lm, teacher.steps)
     student_lm, student_base = self.pretrain_student()
     s = self.student
     gold = self._task("gold", s.path("data", "gold.jsonl"), lambda: pl.gold_records(
@@ -154,7 +160,7 @@ class W2S:
 
   # ------------------------------------------------------------------ report
   def summarize(self, weak, summary, student_base, ceiling, by_loss) -> dict:
-    view = lambda ev: {k: ev[k] for k in EVAL_KEYS if k in ev}
+    view = lambda ev: {k: v for k, v in ev.to_dict().items() if k in EVAL_KEYS}
     t_params = self.teacher.base_lm.cfg.num_params()
     s_params = self.student.base_lm.cfg.num_params()
     first = by_loss[self.cfg.w2s.losses[0]]
@@ -184,6 +190,9 @@ class W2S:
   def recorded_wall_s(self) -> float:
     """Sum of the recorded stage times of this run (the store's ledger; survives resumes)."""
     return self.store.wall_s()
+
+  def to_markdown(self, rep: dict) -> str:
+    return to_markdown(rep)
 
 
 def _model_name(cfg) -> str:

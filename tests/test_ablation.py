@@ -12,7 +12,7 @@ import pytest
 
 from lmsi_jax import config as config_lib
 from lmsi_jax import modes
-from lmsi_jax import sampler
+from lmsi_jax import testing
 from lmsi_jax.data import jsonl
 from lmsi_jax.data import synthetic
 
@@ -32,7 +32,7 @@ def tiny(c):
   return c
 
 
-def scripted_generate(lm, vocab, prompts, *, num_samples=1, **kw):
+def scripted_generate(prompts, settings, seed):
   """A correct chain of thought for the last question of each prompt, sample j rotated by j."""
   questions = [re.findall(r"Q: ([\d+]+)\n", p + "\n")[-1] for p in prompts]
   calls.append(questions)
@@ -40,9 +40,9 @@ def scripted_generate(lm, vocab, prompts, *, num_samples=1, **kw):
   for q in questions:
     terms = synthetic.parse_question(q)
     rows = []
-    for j in range(num_samples):
+    for j in range(settings.num_samples):
       order = terms[j % len(terms):] + terms[:j % len(terms)]
-      rows.append(sampler.Sample(" " + synthetic.cot_text(terms, order), (1,), (-0.1,), "eos"))
+      rows.append(testing.Sample(" " + synthetic.cot_text(terms, order), (1,), (-0.1,), "eos"))
     out.append(rows)
   return out
 
@@ -51,9 +51,11 @@ calls = []
 
 
 @pytest.fixture()
-def scripted(monkeypatch):
+def scripted():
+  """The study's runner, sampling through the script (injected, not patched)."""
   calls.clear()
-  monkeypatch.setattr(sampler, "generate", scripted_generate)
+  return lambda cfg, workdir: modes.build(cfg, workdir,
+                                          sampler=testing.ScriptedSampler(scripted_generate))
 
 
 def test_demo_variants_validate_and_dispatch(demo_config):
@@ -73,7 +75,7 @@ def test_demo_variants_validate_and_dispatch(demo_config):
 @pytest.mark.slow
 def test_format_ablation_report_contract(tmp_path, scripted, demo_config):
   workdir = str(tmp_path)
-  rep = modes.build(tiny(demo_config("format_ablation_smoke")), workdir).run()
+  rep = scripted(tiny(demo_config("format_ablation_smoke")), workdir).run()
   with open(os.path.join(workdir, "report.json")) as f:
     assert json.load(f)["format_ablation"] == rep["format_ablation"]
   fa = rep["format_ablation"]
@@ -98,14 +100,14 @@ def test_format_ablation_report_contract(tmp_path, scripted, demo_config):
   assert "## Format ablation (LMSI Table 5)" in md and "| few_shot_cot_only | few_shot_cot | 1 |" in md
   # a re-run reads every stage back and samples nothing
   calls.clear()
-  again = modes.build(tiny(demo_config("format_ablation_smoke")), workdir).run()
+  again = scripted(tiny(demo_config("format_ablation_smoke")), workdir).run()
   assert calls == [] and again["format_ablation"] == rep["format_ablation"]
 
 
 @pytest.mark.slow
 def test_strategies_share_round_one(tmp_path, scripted, demo_config):
   workdir = str(tmp_path)
-  rep = modes.build(tiny(demo_config("strategy_smoke")), workdir).run()
+  rep = scripted(tiny(demo_config("strategy_smoke")), workdir).run()
   st = rep["strategies"]
   assert set(st) == {"continue", "restart"}
   for name in st:

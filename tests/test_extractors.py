@@ -2,7 +2,6 @@
 import importlib.util
 import os
 import re
-import types
 
 import pytest
 
@@ -262,19 +261,20 @@ EVAL_SC = [["The answer is 6.", "The answer is 6", "no idea"],
            ["The answer is 9.", "The answer is 9.", "8"]]
 
 
-def _fake_generate(lm, vocab, prompts, *, num_samples, temperature, seed, **kw):
-  del lm, vocab, seed, kw
-  rows = [[t] for t in EVAL_GREEDY] if temperature == 0.0 else EVAL_SC
-  assert len(rows) == len(prompts) and all(len(r) == num_samples for r in rows)
-  return [[types.SimpleNamespace(text=t) for t in row] for row in rows]
+def _fake_generate(prompts, settings, seed):
+  del seed
+  rows = [[t] for t in EVAL_GREEDY] if settings.temperature == 0.0 else EVAL_SC
+  assert len(rows) == len(prompts) and all(len(r) == settings.num_samples for r in rows)
+  return rows
 
 
-def test_evaluation_reports_extraction(monkeypatch):
+def test_evaluation_reports_extraction():
   from lmsi_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top  (imports JAX)
-  monkeypatch.setattr(eval_lib.sampler, "generate", _fake_generate)
+  from lmsi_jax import testing  # pylint: disable=g-import-not-at-top
+  fake = testing.ScriptedSampler(_fake_generate)
   qs = [{"id": str(i), "question": f"q{i}", "answer": g} for i, g in enumerate(EVAL_GOLD)]
   s = eval_lib.EvalSettings("few_shot_cot", num_samples=3, calibration_bins=2)
-  res = eval_lib.evaluate(None, None, qs, ["p"] * 4, s, seed=0)
+  res = eval_lib.evaluate(fake, qs, ["p"] * 4, s, seed=0)
   # lmsi greedy: 6, 1234, None, 8 -> 2/4 right. SC votes: 6, 1234, 0.5 ("0.5" and "1/2"), 9;
   # unextracted paths: "no idea", "hmm", the box, "8" (no cue).
   assert res["greedy_acc"] == 0.5 and res["sc_acc"] == 1.0
@@ -294,7 +294,7 @@ def test_evaluation_reports_extraction(monkeypatch):
                "unavailable": [] if HAS_MATH_VERIFY else ["math_verify"]}
   # The chosen extractor moves: boxed reads question 2, and lmsi becomes an "other".
   s2 = eval_lib.EvalSettings("few_shot_cot", num_samples=3, calibration_bins=2, extractor="boxed")
-  res2 = eval_lib.evaluate(None, None, qs, ["p"] * 4, s2, seed=0)
+  res2 = eval_lib.evaluate(fake, qs, ["p"] * 4, s2, seed=0)
   assert res2["greedy_acc"] == 0.75
   assert res2["extraction"]["greedy_others"]["lmsi"] == {"acc": 0.5, "unextracted": 1,
                                                           "disagree": 1}

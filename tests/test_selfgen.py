@@ -7,8 +7,8 @@ import pytest
 
 from lmsi_jax import formats as formats_lib
 from lmsi_jax import pseudo_labels as pl
-from lmsi_jax import sampler
 from lmsi_jax import selfgen
+from lmsi_jax import testing
 from lmsi_jax.data import jsonl
 
 S = pl.VoteSettings()
@@ -74,16 +74,17 @@ def pipe(tmp_path_factory, demo_config):
 
 
 class ScriptedGenerate:
-  """Stands in for sampler.generate: answers by prompt kind, records every call."""
+  """A script for testing.ScriptedSampler: answers by prompt kind, records every call."""
 
   def __init__(self, question_texts, answers_by_question, greedy_by_question=None):
     self.question_texts, self.answers = question_texts, answers_by_question
     self.greedy, self.calls = greedy_by_question or {}, []
 
-  def __call__(self, lm, vocab, prompts, *, num_samples=1, temperature=0.7, stop_strings=(),
-               **kw):
+  def __call__(self, prompts, settings, seed):
+    del seed
+    num_samples, temperature = settings.num_samples, settings.temperature
     self.calls.append(dict(prompts=list(prompts), num_samples=num_samples,
-                           temperature=temperature, stop_strings=tuple(stop_strings)))
+                           temperature=temperature, stop_strings=settings.stop_strings))
     out = []
     for i, p in enumerate(prompts):
       if p.endswith("\nQ:"):                                   # a question-writing prompt
@@ -94,18 +95,22 @@ class ScriptedGenerate:
       else:                                                    # SC samples of a candidate
         q = p[len("Q: "):p.index("\nA:")]
         texts = [f" {a}. The answer is {a}." for a in self.answers[q]][:num_samples]
-      out.append([sampler.Sample(t, (1,), (-0.5,), "eos") for t in texts])
+      out.append(texts)
     return out
 
 
-def test_generated_questions_stage(pipe, monkeypatch):
+def _with(pipe, script):
+  """The pipeline's context sampling through `script` (injected: nothing is patched)."""
+  return pipe.ctx.replace(sampler=testing.ScriptedSampler(script))
+
+
+def test_generated_questions_stage(pipe):
   pool, evals = pipe.problem.pool, pipe.problem.eval
   gen = ScriptedGenerate(
       [" 1+1+1+1+1\nA: 1+1=2", " " + pool[0]["question"], evals[1]["question"], "",
        " 2+2+2+2+2", " 1+1+1+1+1", " " + "1+" * 300 + "1"],
       {"1+1+1+1+1": ["5"] * 4, "2+2+2+2+2": ["10", "10", "10", "11"]})
-  monkeypatch.setattr(sampler, "generate", gen)
-  kept, summary = selfgen.generate_questions(pipe, pipe.base_lm, 1)
+  kept, summary = selfgen.generate_questions(_with(pipe, gen), pipe.base_lm, 1)
   # write prompts: 3 seed questions from the first 5 pool questions, at sampling temperature
   first = gen.calls[0]
   assert len(first["prompts"]) == 7 and first["stop_strings"] == ("\n",)
@@ -124,16 +129,15 @@ def test_generated_questions_stage(pipe, monkeypatch):
   assert jsonl.read_jsonl(os.path.join(d, "questions.jsonl")) == kept
   assert len(jsonl.read_jsonl(os.path.join(d, "candidates.jsonl"))) == 7
   # a re-run reads the files and generates nothing
-  monkeypatch.setattr(sampler, "generate", lambda *a, **k: pytest.fail("generated again"))
-  assert selfgen.generate_questions(pipe, pipe.base_lm, 1) == (kept, summary)
+  again = _with(pipe, lambda *a: pytest.fail("generated again"))
+  assert selfgen.generate_questions(again, pipe.base_lm, 1) == (kept, summary)
 
 
-def test_generated_exemplars_are_greedy_zero_shot_cot_answers(pipe, monkeypatch):
+def test_generated_exemplars_are_greedy_zero_shot_cot_answers(pipe):
   greedy = {q["question"]: f" {q['question']}=x. The answer is {i}." if i % 3 else " no idea"
             for i, q in enumerate(pipe.problem.pool)}
   gen = ScriptedGenerate([], {}, greedy)
-  monkeypatch.setattr(sampler, "generate", gen)
-  ex = selfgen.generate_exemplars(pipe, pipe.base_lm)
+  ex = selfgen.generate_exemplars(_with(pipe, gen), pipe.base_lm)
   (call,) = gen.calls
   assert call["temperature"] == 0.0 and call["num_samples"] == 1
   qs = [p[len("Q: "):p.index("\nA:")] for p in call["prompts"]]

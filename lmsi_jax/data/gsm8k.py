@@ -80,18 +80,18 @@ def gold_cot(solution: str) -> str:
 def extract_answer(text: str | bytes) -> str:
   """The normalised final number of a model output, or ``""`` if there is none.
 
-  The first number after the last "The answer is" (LMSI's parsing); without the
-  cue, the number after the last ``####``; otherwise the last number in the text.
+  The pipeline's one parser (`lmsi_jax.voting.extract_answer`: the first "The
+  answer is", its line); without that cue, the number after ``####``; otherwise
+  the last number in the text.
   """
+  from lmsi_jax import voting  # pylint: disable=g-import-not-at-top
   if isinstance(text, bytes):
     text = text.decode("utf-8", errors="replace")
   for cue in (TRIGGER, "####"):
-    idx = text.rfind(cue)
-    if idx >= 0:
-      m = _NUMBER_RE.search(text, idx + len(cue))
-      return normalize_number(m.group()) if m else ""
-  found = _NUMBER_RE.findall(text)
-  return normalize_number(found[-1]) if found else ""
+    if cue.lower() in text.lower():
+      return voting.extract_answer(text, "number", cue, stop=None) or ""
+  return voting.extract_answer(text, "number", TRIGGER, stop=None,
+                               fallback_last_number=True) or ""
 
 
 def postprocess_fn(output: str | bytes, example: Any = None, is_target: bool = False) -> str:
