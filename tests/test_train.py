@@ -176,7 +176,7 @@ def test_loss_falls_logs_and_skips_when_done(mesh8, straight):
   assert before > 4.0 and after < 0.7 * before, (before, after)
   assert ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [10, 20]
   meta = ckpt_lib.read_meta(workdir)
-  assert meta["step"] == 20 and meta["model_config"] == dataclasses.asdict(CFG)
+  assert meta["step"] == 20 and model_lib.ModelConfig.from_dict(meta["model_config"]) == CFG
   assert meta["train_config"] == dataclasses.asdict(_tcfg())
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
   # Done already: restored, not retrained (an empty iterator would fail otherwise).
