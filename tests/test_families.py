@@ -202,6 +202,41 @@ def test_prompts_and_greedy_text_match_transformers(family_dir, mesh8):
     assert s.text == ref.decode(body, skip_special_tokens=True), text
 
 
+def _hf_greedy(model, ref, text, eos, vocab_size):
+  ids = ref(text)["input_ids"]
+  with torch.no_grad():
+    gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=STEPS, min_new_tokens=0, do_sample=False,
+                         eos_token_id=eos, pad_token_id=eos,
+                         suppress_tokens=list(range(vocab_size, VOCAB)))  # as vocab_limit
+  new = gen[0, len(ids):].tolist()
+  return new[: new.index(eos) + 1] if eos in new else new
+
+
+def test_sample_cli_prints_transformers_greedy_text(family_dir, mesh8, capsys):
+  """`python -m lmsi_jax.sample --temperature 0` on the checkpoint directory prints, for
+  each prompt, transformers' greedy continuation of the same text (32 tokens)."""
+  from lmsi_jax import sample as sample_cli  # pylint: disable=g-import-not-at-top
+  del mesh8    # the CLI builds its own mesh over the 8 devices (--mesh_shape=-1,1,1)
+  family, path, model = family_dir
+  ref = transformers.AutoTokenizer.from_pretrained(path)
+  eos = {"llama3": 1, "qwen3": 0, "gemma3": 1}[family]
+  vocab_size = len(ref)
+  expected = []
+  for i, text in enumerate(TEXTS):
+    new = _hf_greedy(model, ref, text, eos, vocab_size)
+    body = new[:-1] if new and new[-1] == eos else new
+    reason = "eos" if new and new[-1] == eos else "length"
+    expected.append(f"=== prompt {i} sample 0 ({reason}, {len(new)} tokens)\n"
+                    f"{ref.decode(body, skip_special_tokens=True)}\n")
+  capsys.readouterr()
+  argv = ["--checkpoint", path, "--temperature", "0", "--max_decode_steps", str(STEPS)]
+  for text in TEXTS:
+    argv += ["--prompt", text]
+  sample_cli.main(argv)
+  assert capsys.readouterr().out == "".join(expected)
+
+
 def test_export_reload_identical(family_dir, mesh8, tmp_path):
   family, path, model = family_dir
   lm, vocab = load_checkpoint(path, mesh8)
