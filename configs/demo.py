@@ -5,7 +5,7 @@
 
 A ~100k-parameter byte-level model is trained from scratch on 50,000 labeled
 easy sums (2-4 terms) plus 20 labeled 5-term examples at 2% of the data (stage 0, 3,000 steps),
-then self-improves for 3 rounds (32 paths per question at T=1.0, 300
+then self-improves for 4 rounds (32 paths per question at T=1.0, 300
 fine-tuning steps each) on 1,000 unlabeled 5-term questions. Three reference
 arms use the identical fine-tuning recipe: oracle (gold chains of thought for
 the same pool), control (the same extra steps on the seed data only) and
@@ -50,7 +50,8 @@ def get_config(arg: str | None = None):
   c.train.update(optimizer="adamw", learning_rate=1e-3, schedule="cosine", warmup_steps=30,
                  num_steps=300, batch_size=16, seq_len=96, clip_norm=1.0, weight_decay=0.01,
                  b2=0.98, end_lr_ratio=0.1, log_every=100, checkpoint_every=300)
-  c.rounds.update(num_rounds=3, init="continue", pseudo_weight=0.5, seed_weight=0.5,
+  # 4 rounds: on the tuning seeds 0-2 greedy accuracy still rose 3-7 points in round 3.
+  c.rounds.update(num_rounds=4, init="continue", pseudo_weight=0.5, seed_weight=0.5,
                   previous_weight=0.0)
   c.eval.update(num_samples=16, temperature=1.0, base_temperature=1.0, top_k=0,
                 max_decode_steps=64, oracle=True, control=True, spurious=True)

@@ -27,6 +27,7 @@ from lmsi_jax import guard as guard_lib
 from lmsi_jax import optim
 from lmsi_jax import problems
 from lmsi_jax import pseudo_labels as pl
+from lmsi_jax import seeds
 from lmsi_jax import sharding
 from lmsi_jax import store as store_lib
 from lmsi_jax.data import jsonl
@@ -171,15 +172,18 @@ class RunContext:
     """What the finished training stage in DIR/`train_dir` recorded (wall_s, num_truncated)."""
     return fileio.read_json(self.path(*train_dir, "done.json"))
 
-  # Seeds (kept as the run has always derived them: outputs stay byte-identical).
+  # Seeds: named streams of the run's seed (seeds.py), never arithmetic on it.
   def sample_seed(self, r: int) -> int:
-    return self.cfg.seed * 1009 + r
+    """Round r's pool samples."""
+    return seeds.stream(self.cfg.seed, "samples", r)
 
-  def eval_seed(self, offset: int) -> int:
-    return self.cfg.seed * 7919 + offset
+  def eval_seed(self, index: int) -> int:
+    """An evaluation: 0 the base, r round r, 100 the reference arms."""
+    return seeds.stream(self.cfg.seed, "eval", index)
 
   def data_seed(self, r: int) -> int:
-    return self.cfg.seed + 1000 * r
+    """The batch order of round r's training (0: stage 0)."""
+    return seeds.stream(self.cfg.seed, "data", r)
 
 
 def fit_context(cfg, problem, vocab, lm):

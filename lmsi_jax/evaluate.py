@@ -18,6 +18,7 @@ import numpy as np
 
 from lmsi_jax import extractors
 from lmsi_jax import generation
+from lmsi_jax import seeds
 from lmsi_jax import voting
 
 
@@ -141,7 +142,8 @@ def evaluate(sampler, questions: Sequence[dict], prompts: Sequence[str], s: Eval
   gold = [q["answer"] for q in questions]
   greedy_out, g_votes, g_ok = greedy(sampler, questions, prompts, s, seed=seed,
                                      progress=progress)
-  sc = sampler.generate(prompts, s.sampling(), seed=seed + 1, progress=progress)
+  sc = sampler.generate(prompts, s.sampling(), seed=seeds.stream(seed, "self_consistency"),
+                        progress=progress)
   sc_answers = [answers_of([x.text for x in row], s) for row in sc]
   votes = [voting.majority_vote(a) for a in sc_answers]
   ok = score_votes(votes, gold, s.answer_type)

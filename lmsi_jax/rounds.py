@@ -67,7 +67,7 @@ def run_base(ctx: RunContext, st: Stages = STAGES) -> results.BaseResult:
     if ctx.seed_task is None:
       raise ValueError("config.base_train.enabled=True needs a task with labeled seed data")
     lm = st.train(ctx, lm, ctx.seed_task, ctx.path("base", "train"), base=True,
-                  data_seed=c.seed)
+                  data_seed=ctx.data_seed(0))
     steps = c.base_train.num_steps
   if c.selfgen.exemplars:        # LMSI §3.3: the base model writes the exemplars
     ctx = ctx.replace(problem=ctx.fit_context(dataclasses.replace(

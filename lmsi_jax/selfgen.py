@@ -53,6 +53,7 @@ from lmsi_jax import fileio
 from lmsi_jax import formats as formats_lib
 from lmsi_jax import problems
 from lmsi_jax import pseudo_labels as pl
+from lmsi_jax import seeds
 from lmsi_jax import voting
 from lmsi_jax.data import jsonl
 from lmsi_jax.data import synthetic
@@ -130,12 +131,12 @@ def generate_questions(ctx, lm, r: int) -> tuple[list[dict], dict]:
   if distributed.agreed_exists(cand_path):    # a killed run of this same stage wrote them
     cands = jsonl.read_jsonl(cand_path)
   else:
-    rng = np.random.default_rng([c.seed, r, 31])
+    rng = seeds.rng(c.seed, "selfgen_prompts", r)
     seeds = [q["question"] for q in p.problem.pool[:g.seed_questions]]
     prompts = [question_prompt(seeds, rng, g.prompt_questions) for _ in range(g.num_questions)]
     s = p.sampling.replace(num_samples=1, max_decode_steps=g.max_question_tokens,
                            stop_strings=("\n",))
-    out = p.sampler_for(lm).generate(prompts, s, seed=c.seed * 3001 + r)
+    out = p.sampler_for(lm).generate(prompts, s, seed=seeds.stream(c.seed, "selfgen_questions", r))
     existing = [q["question"] for q in p.problem.seed + p.problem.pool + p.problem.eval]
     cands = mark_candidates([row[0].text for row in out], existing)
     for i, cand in enumerate(cands):
@@ -146,7 +147,7 @@ def generate_questions(ctx, lm, r: int) -> tuple[list[dict], dict]:
       jsonl.write_jsonl_atomic(cand_path, cands)
   new = [{"id": x["id"], "question": x["question"], "answer": x["answer"], "cot": None}
          for x in cands if x["status"] == "new"]
-  samples = stages.sample(p, lm, new, os.path.join(d, "samples"), p.sample_seed(r) + 7919)
+  samples = stages.sample(p, lm, new, os.path.join(d, "samples"), seeds.stream(c.seed, "selfgen_samples", r))
   votes = confident_questions(samples, p.vote_settings, g.min_vote_share)
   kept = [q for q, v in zip(new, votes) if v["keep"]]
   scored = [v["answer"] == q["answer"] for q, v in zip(new, votes)
@@ -200,7 +201,7 @@ def generate_exemplars(ctx, lm) -> formats_lib.Exemplars:
     return formats_lib.Exemplars(d["cot"], d["standard"])
   st.begin(path)
   c, n = p.cfg, p.cfg.selfgen.num_exemplars
-  order = np.random.default_rng([c.seed, 47]).permutation(len(p.problem.pool))
+  order = seeds.rng(c.seed, "selfgen_exemplars").permutation(len(p.problem.pool))
   qs = [p.problem.pool[i]["question"] for i in order[:EXEMPLAR_TRIES * n]]
   prompts = [formats_lib.build_input("zero_shot_cot", q) for q in qs]
   out = p.sampler_for(lm).generate(

@@ -245,7 +245,8 @@ def oracle_labels(ctx: RunContext, r: int):
   return labels_stage(
       ctx, ctx.path("oracle", f"round_{r}", "labels.jsonl"),
       lambda: pl.gold_records(
-          problems.with_gold_cot(ctx.problem, ctx.problem.pool, seed=ctx.cfg.seed + r),
+          problems.with_gold_cot(ctx.problem, ctx.problem.pool,
+                                 seed=seeds.stream(ctx.cfg.seed, "gold_cot", r)),
           exemplars=ctx.problem.exemplars, formats=ctx.cfg.formats, round_index=r),
       f"lmsi_{ctx.problem.name}_oracle_round_{r}",
       extra={"round": r, "questions": ids_hash(ctx.problem.pool)})

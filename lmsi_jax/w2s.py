@@ -40,6 +40,7 @@ from lmsi_jax import pseudo_labels as pl
 from lmsi_jax import context as context_lib
 from lmsi_jax import report as report_lib
 from lmsi_jax import rounds
+from lmsi_jax import seeds
 from lmsi_jax import stages as stages_lib
 from lmsi_jax import store as store_lib
 from lmsi_jax.data import tasks
@@ -119,7 +120,7 @@ class W2S:
     lm = s.base_lm
     if cfg.w2s.pretrain_steps:
       lm = self.stages.train(s, lm, self.pretrain_task, s.path("pretrain", "train"), base=True,
-                             data_seed=cfg.seed + 1)
+                             data_seed=seeds.stream(cfg.seed, "w2s_pretrain_data"))
     ev = self.stages.evaluate(s, lm, s.path("pretrain", "eval.json"), cfg.eval.temperature, 100)
     return lm, ev
 
@@ -130,7 +131,7 @@ class W2S:
     if cfg.w2s.replay_weight > 0:
       parts.append((self.pretrain_task, cfg.w2s.replay_weight))
     mix = tasks.register_mixture(f"lmsi_{s.problem.name}_w2s_{arm}_mix", parts)
-    out = self.stages.train(s, lm, mix, s.path(arm, "train"), data_seed=cfg.seed + 1000,
+    out = self.stages.train(s, lm, mix, s.path(arm, "train"), data_seed=seeds.stream(cfg.seed, "w2s_data"),
                             loss_fn=self.losses.get(loss_name), extra_keys=W2S_TRAIN_KEYS)
     # one sampling seed for every student evaluation: common random numbers
     return self.stages.evaluate(s, out, s.path(arm, "eval.json"), cfg.eval.temperature, 100)
@@ -144,7 +145,7 @@ class W2S:
     student_lm, student_base = self.pretrain_student()
     s = self.student
     gold = self._task("gold", s.path("data", "gold.jsonl"), lambda: pl.gold_records(
-        problems.with_gold_cot(s.problem, s.problem.pool, seed=cfg.seed + 1),
+        problems.with_gold_cot(s.problem, s.problem.pool, seed=seeds.stream(cfg.seed, "gold_cot")),
         exemplars=s.problem.exemplars, formats=cfg.formats, round_index=1))
     ceiling = self.finetune(student_lm, "ceiling", gold)
     labels = s.register(f"lmsi_{s.problem.name}_w2s_teacher_labels",
