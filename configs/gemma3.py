@@ -7,8 +7,8 @@
 The checkpoint (a Hugging Face directory: config.json + safetensors + tokenizer; see the
 README's "Bringing a checkpoint" table for what GGUF files of this family load) comes
 from the command line; without one the run stops with one line. The paper's settings
-come from configs/gsm8k.py; the context is capped at 2048 tokens and training
-rematerialises each layer, as configs/smollm2.py does. Add
+come from configs/gsm8k.py (this file is its `checkpoint:PATH` variant): the context is
+capped at 2048 tokens and training rematerialises each layer, as configs/smollm2.py does. Add
 `--config.model.dtype=bfloat16` to halve memory on an accelerator.
 """
 
@@ -20,10 +20,4 @@ GSM8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gsm8k.py")
 
 
 def get_config(arg: str | None = None):
-  c = config_lib.load_config_file(GSM8K)
-  c.model.preset = ""                 # no random-init fallback: a checkpoint is required
-  c.model.checkpoint = arg or ""
-  c.model.max_seq_len = 2048
-  c.train.seq_len = 1536
-  c.train.remat = "full"
-  return c
+  return config_lib.load_config_file(GSM8K, "checkpoint:" + (arg or ""))

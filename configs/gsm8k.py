@@ -13,7 +13,10 @@ test.jsonl) or TFDS (`--config.data.source=tfds`, downloads).
 Without `model.checkpoint` the tiny byte-level preset is initialised at
 random: that tests the wiring, not the method. `:smoke` runs a handful of
 questions end to end on CPU in about a minute (zero-shot prompts, so the
-byte-level model's context stays short).
+byte-level model's context stays short). `:checkpoint:PATH` is the run on a real
+checkpoint (configs/llama3.py, qwen3.py and gemma3.py are it by family): PATH required
+(an empty one stops the run with one line), context capped at 2048 tokens, training
+rematerialises each layer.
 """
 
 from lmsi_jax import config as config_lib
@@ -40,6 +43,12 @@ def get_config(arg: str | None = None):
     c.train.update(num_steps=4, batch_size=8, seq_len=512, log_every=2, checkpoint_every=2,
                    learning_rate=1e-3)
     c.eval.update(num_samples=3, max_decode_steps=24)
+  elif arg and arg.startswith("checkpoint:"):
+    c.model.preset = ""                 # no random-init fallback: a checkpoint is required
+    c.model.checkpoint = arg[len("checkpoint:"):]
+    c.model.max_seq_len = 2048
+    c.train.seq_len = 1536
+    c.train.remat = "full"
   elif arg:
-    raise ValueError(f"configs/gsm8k.py: unknown variant {arg!r} (known: smoke)")
+    raise ValueError(f"configs/gsm8k.py: unknown variant {arg!r} (known: smoke, checkpoint:PATH)")
   return c

@@ -44,3 +44,20 @@ def test_setup_declares_the_prompt_files():
   txt = {os.path.relpath(f, os.path.join(REPO, "lmsi_jax"))
          for f in glob.glob(os.path.join(REPO, "lmsi_jax", "prompts", "*.txt"))}
   assert txt and txt <= declared
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen3", "gemma3"])
+def test_family_configs_are_the_gsm8k_checkpoint_variant(family):
+  """configs/<family>.py:PATH is configs/gsm8k.py:checkpoint:PATH; without a PATH the
+  config is refused with one line naming model.checkpoint."""
+  from lmsi_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  path = os.path.join(REPO, "configs", f"{family}.py")
+  c = config_lib.load_config_file(path, "/ckpt/x")
+  assert (c.model.checkpoint, c.model.preset, c.model.max_seq_len, c.train.remat) == (
+      "/ckpt/x", "", 2048, "full")
+  gsm8k = config_lib.load_config_file(os.path.join(REPO, "configs", "gsm8k.py"),
+                                      "checkpoint:/ckpt/x")
+  assert c.to_dict() == gsm8k.to_dict()
+  with pytest.raises(ValueError, match=r"^config\.model\.checkpoint") as e:
+    config_lib.validate(config_lib.load_config_file(path))
+  assert "\n" not in str(e.value)
