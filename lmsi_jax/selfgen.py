@@ -132,8 +132,8 @@ def generate_questions(ctx, lm, r: int) -> tuple[list[dict], dict]:
     cands = jsonl.read_jsonl(cand_path)
   else:
     rng = seeds.rng(c.seed, "selfgen_prompts", r)
-    seeds = [q["question"] for q in p.problem.pool[:g.seed_questions]]
-    prompts = [question_prompt(seeds, rng, g.prompt_questions) for _ in range(g.num_questions)]
+    seed_qs = [q["question"] for q in p.problem.pool[:g.seed_questions]]
+    prompts = [question_prompt(seed_qs, rng, g.prompt_questions) for _ in range(g.num_questions)]
     s = p.sampling.replace(num_samples=1, max_decode_steps=g.max_question_tokens,
                            stop_strings=("\n",))
     out = p.sampler_for(lm).generate(prompts, s, seed=seeds.stream(c.seed, "selfgen_questions", r))
