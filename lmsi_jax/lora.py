@@ -316,7 +316,7 @@ def export_peft(llm: LoraLM, out_dir: str, *, base_model_name_or_path: str = "",
   merged model does. Every process takes part in the gathers; process 0 writes.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from lmsi_jax.checkpoints import layout  # pylint: disable=g-import-not-at-top
+  from lmsi_jax.interop import layout  # pylint: disable=g-import-not-at-top
   write = jax.process_index() == 0
   np_dtype = np.dtype(model_lib.DTYPES[dtype or llm.cfg.param_dtype])
   ad, r = _by_name(llm.state), llm.lora.rank
@@ -355,7 +355,7 @@ def export(llm: LoraLM, vocab_or_tokenizer_source, out_dir: str, *, merged: bool
            **kw) -> str:
   """HF export: merged weights (`export_hf` of `merge(llm)`) or, with `merged=False`, the
   base model in `out_dir` and the PEFT adapter in `out_dir/adapter`."""
-  from lmsi_jax.checkpoints import export_hf  # pylint: disable=g-import-not-at-top
+  from lmsi_jax.interop import export_hf  # pylint: disable=g-import-not-at-top
   if merged:
     return export_hf(merge(llm), vocab_or_tokenizer_source, out_dir, **kw)
   base = model_lib.LM(llm.cfg, llm.base_graphdef, llm.frozen, llm.mesh)

@@ -70,13 +70,13 @@ def check_args(args: argparse.Namespace) -> tuple[int, ...]:
 def main(argv: Sequence[str] | None = None) -> None:
   args = parse_args(argv)
   shape = check_args(args)
-  from lmsi_jax import models_io, sampler, sharding  # pylint: disable=g-import-not-at-top
+  from lmsi_jax import loading, sampler, sharding  # pylint: disable=g-import-not-at-top
   try:
     mesh = sharding.make_mesh(shape)
   except ValueError as e:
     raise _fail(f"--mesh_shape={args.mesh_shape!r}: {e}") from None
   try:
-    lm, vocab = models_io.load_any(args.checkpoint, mesh, dtype=args.dtype,
+    lm, vocab = loading.load_any(args.checkpoint, mesh, dtype=args.dtype,
                                    max_seq_len=args.max_seq_len)
     results = sampler.generate(
         lm, vocab, args.prompt, num_samples=args.num_samples, temperature=args.temperature,

@@ -9,7 +9,7 @@ seqio = pytest.importorskip("seqio")
 tf = pytest.importorskip("tensorflow")
 tokenizers = pytest.importorskip("tokenizers")
 
-from lmsi_jax.checkpoints import tokenizer as tok_lib  # noqa: E402
+from lmsi_jax.interop import tokenizer as tok_lib  # noqa: E402
 from lmsi_jax.data import features  # noqa: E402
 from lmsi_jax.data import jsonl  # noqa: E402
 from lmsi_jax.data import tasks  # noqa: E402

@@ -20,9 +20,9 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 
 from lmsi_jax import model as model_lib
 from lmsi_jax import sampler
-from lmsi_jax.checkpoints import export_hf, load_checkpoint
-from lmsi_jax.checkpoints import gguf as gguf_ckpt
-from lmsi_jax.checkpoints import tokenizer as tok_lib
+from lmsi_jax.interop import export_hf, load_checkpoint
+from lmsi_jax.interop import gguf as gguf_ckpt
+from lmsi_jax.interop import tokenizer as tok_lib
 from lmsi_jax.data import vocab as vocab_lib
 
 torch = pytest.importorskip("torch")

@@ -10,9 +10,9 @@ from jax.sharding import PartitionSpec as P
 from lmsi_jax import model as model_lib
 from lmsi_jax import sample as sample_cli
 from lmsi_jax import sampler
-from lmsi_jax.checkpoints import gguf as gguf_ckpt
-from lmsi_jax.checkpoints import load_checkpoint
-from lmsi_jax.checkpoints import tokenizer as tok_lib
+from lmsi_jax.interop import gguf as gguf_ckpt
+from lmsi_jax.interop import load_checkpoint
+from lmsi_jax.interop import tokenizer as tok_lib
 from lmsi_jax.data import vocab as vocab_lib
 
 Q = gguf.GGMLQuantizationType

@@ -10,8 +10,8 @@ import seqio
 from jax.sharding import PartitionSpec as P
 
 from lmsi_jax import model as model_lib
-from lmsi_jax.checkpoints import export_hf, load_checkpoint, save_tokenizer
-from lmsi_jax.checkpoints import hf as hf_ckpt
+from lmsi_jax.interop import export_hf, load_checkpoint, save_tokenizer
+from lmsi_jax.interop import hf as hf_ckpt
 from lmsi_jax.data import vocab as vocab_lib
 
 torch = pytest.importorskip("torch")

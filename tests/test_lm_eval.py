@@ -133,7 +133,7 @@ def tiny(mesh8):
 def test_package_imports_without_lm_eval(monkeypatch):
   """lm_eval is optional: lmsi_jax imports without it; the adapter says what to install."""
   out = subprocess.run([sys.executable, "-c", "import sys; sys.modules['lm_eval'] = None\n"
-                        "import lmsi_jax, lmsi_jax.sample, lmsi_jax.models_io\n"
+                        "import lmsi_jax, lmsi_jax.sample, lmsi_jax.loading\n"
                         "assert 'lmsi_jax.lm_eval_model' not in sys.modules"],
                        capture_output=True, text=True, cwd=REPO,
                        env={**os.environ, "PYTHONPATH": REPO})
@@ -252,7 +252,7 @@ def test_command_line_with_a_training_directory(tmp_path, mesh8):
   """README's command: `python -m lmsi_jax.lm_eval_model --model lmsi_jax --model_args
   checkpoint=DIR/round_1/train,...` (lm_eval's own CLI, the model registered first)."""
   from lmsi_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from lmsi_jax import models_io  # pylint: disable=g-import-not-at-top
+  from lmsi_jax import loading  # pylint: disable=g-import-not-at-top
   tiny = model_lib.LM.init(model_lib.preset("tiny"), mesh8, seed=3)
   train_dir = tmp_path / "round_1" / "train"
   with ckpt_lib.Checkpointer(str(train_dir / ckpt_lib.CHECKPOINT_SUBDIR), async_save=False) as c:
@@ -278,7 +278,7 @@ def test_command_line_with_a_training_directory(tmp_path, mesh8):
                               recursive=True)
   with open(samples_file) as f:
     got = {s["doc_id"]: s["resps"][0][0] for s in map(json.loads, f) if s["filter"] == "strict-match"}
-  lm, vocab = models_io.load_any(str(train_dir), mesh8)
+  lm, vocab = loading.load_any(str(train_dir), mesh8)
   ref = sampler.generate(lm, vocab, [f"Question: {r['question']}\nAnswer:" for r in rows],
                          temperature=0.0, max_decode_steps=8, stop_strings=("Question:", "\n\n"),
                          batch_size=8)

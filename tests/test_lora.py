@@ -149,9 +149,9 @@ def test_checkpoint_holds_the_adapter_only(trained):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert a.sharding == b.sharding
   # Not loadable as a model on its own: one line saying what it is.
-  from lmsi_jax import models_io  # pylint: disable=g-import-not-at-top
+  from lmsi_jax import loading  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=r"holds LoRA adapters only \(train\.lora\.rank=4\)"):
-    models_io.load_any(workdir, lm.mesh)
+    loading.load_any(workdir, lm.mesh)
   # A different rank is a named shape mismatch, not a silent restart.
   with pytest.raises(ckpt_lib.ShapeMismatch, match=r"_proj_lora_a' has shape \(4, 8, 4\)"):
     lora.restore(workdir, lm, dataclasses.replace(LCFG, rank=2))
@@ -214,7 +214,7 @@ def test_peft_round_trip_equal_logits(mesh8, tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   peft = pytest.importorskip("peft")
-  from lmsi_jax.checkpoints import load_checkpoint, save_tokenizer  # pylint: disable=g-import-not-at-top
+  from lmsi_jax.interop import load_checkpoint, save_tokenizer  # pylint: disable=g-import-not-at-top
   from lmsi_jax.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
   hf_cfg = transformers.LlamaConfig(
       vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

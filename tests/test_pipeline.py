@@ -276,11 +276,11 @@ def test_load_config_file_applies_overrides_and_names_bad_keys(demo_config):
 def test_round_checkpoint_loads_as_model_checkpoint(smoke, mesh8):
   """A round's Orbax directory is a valid `model.checkpoint` for a new run."""
   import numpy as np
-  from lmsi_jax import models_io
+  from lmsi_jax import loading
   workdir, _ = smoke
   cfg = config_lib.base_config()
   cfg.model.checkpoint = os.path.join(workdir, "round_2", "train")
-  lm, vocab = models_io.build_model(cfg, mesh8)
+  lm, vocab = loading.build_model(cfg, mesh8)
   assert lm.cfg.hidden_size == 64 and vocab.vocab_size == 259
   from lmsi_jax import checkpoint as ckpt_lib
   ref = ckpt_lib.restore_params(cfg.model.checkpoint, lm.cfg, mesh8)

@@ -8,10 +8,10 @@ import pytest
 
 from lmsi_jax import checkpoint as ckpt_lib
 from lmsi_jax import model as model_lib
-from lmsi_jax import models_io
+from lmsi_jax import loading
 from lmsi_jax import sample as sample_cli
 from lmsi_jax import sampler
-from lmsi_jax.checkpoints import load_checkpoint
+from lmsi_jax.interop import load_checkpoint
 from lmsi_jax.data import vocab as vocab_lib
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -42,7 +42,7 @@ def test_training_directory_as_checkpoint(tmp_path, mesh8, capsys):
   write_tiny_gguf(gguf_path)
   lm, vocab = load_checkpoint(gguf_path, mesh8)
   train_dir = _training_dir(tmp_path / "round_1" / "train", lm, gguf_path)
-  lm2, vocab2 = models_io.load_any(train_dir, mesh8)
+  lm2, vocab2 = loading.load_any(train_dir, mesh8)
   assert vocab2 == vocab and lm2.cfg == lm.cfg           # the GGUF's tokenizer, not the byte one
   direct = _cli(["--checkpoint", gguf_path] + ARGS, capsys)
   assert direct.count("=== prompt") == 4
@@ -80,7 +80,7 @@ def test_training_directory_as_checkpoint(tmp_path, mesh8, capsys):
 def test_bad_arguments_fail_with_one_line_before_loading(tmp_path, monkeypatch, extra, msg):
   def no_load(*a, **k):
     raise AssertionError("the model was loaded before the arguments were checked")
-  monkeypatch.setattr(models_io, "load_any", no_load)
+  monkeypatch.setattr(loading, "load_any", no_load)
   d = tmp_path / "ckpt"
   d.mkdir()
   (tmp_path / "model.bin").write_bytes(b"x")

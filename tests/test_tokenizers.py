@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import seqio
 
-from lmsi_jax.checkpoints import load_tokenizer, save_tokenizer
-from lmsi_jax.checkpoints import tokenizer as tok_lib
+from lmsi_jax.interop import load_tokenizer, save_tokenizer
+from lmsi_jax.interop import tokenizer as tok_lib
 from lmsi_jax.data import vocab as vocab_lib
 
 STRINGS = ["  leading", "tabs\t\t", "emoji 🙂", "中文", "\n\nQ:", "café", "numbers 1,234.50",

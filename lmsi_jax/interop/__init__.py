@@ -17,8 +17,8 @@ import seqio
 from jax.sharding import Mesh
 
 from lmsi_jax import model as model_lib
-from lmsi_jax.checkpoints.export import export_hf, save_tokenizer
-from lmsi_jax.checkpoints.tokenizer import load_tokenizer
+from lmsi_jax.interop.export import export_hf, save_tokenizer
+from lmsi_jax.interop.tokenizer import load_tokenizer
 
 __all__ = ["load_checkpoint", "export_hf", "save_tokenizer", "load_tokenizer"]
 
@@ -42,10 +42,10 @@ def load_checkpoint(path: str | os.PathLike[str], mesh: Mesh, *, dtype: str = "f
   path = os.fspath(path)
   kw = dict(param_dtype=param_dtype or dtype, dtype=dtype, max_seq_len=max_seq_len)
   if os.path.isdir(path):
-    from lmsi_jax.checkpoints import hf  # pylint: disable=g-import-not-at-top
+    from lmsi_jax.interop import hf  # pylint: disable=g-import-not-at-top
     return hf.load(path, mesh, **kw)
   if path.endswith(".gguf"):
-    from lmsi_jax.checkpoints import gguf  # pylint: disable=g-import-not-at-top
+    from lmsi_jax.interop import gguf  # pylint: disable=g-import-not-at-top
     return gguf.load(path, mesh, **kw)
   if not os.path.exists(path):
     raise ValueError(f"checkpoint {path} does not exist")

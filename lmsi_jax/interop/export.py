@@ -31,8 +31,8 @@ from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
 from lmsi_jax import model as model_lib
-from lmsi_jax.checkpoints import layout
-from lmsi_jax.checkpoints import tokenizer as tok_lib
+from lmsi_jax.interop import layout
+from lmsi_jax.interop import tokenizer as tok_lib
 from lmsi_jax.data import vocab as vocab_lib
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

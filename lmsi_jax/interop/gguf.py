@@ -24,8 +24,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lmsi_jax import model as model_lib
-from lmsi_jax.checkpoints import layout
-from lmsi_jax.checkpoints import tokenizer as tok_lib
+from lmsi_jax.interop import layout
+from lmsi_jax.interop import tokenizer as tok_lib
 from lmsi_jax.data import vocab as vocab_lib
 
 Q = gguf.GGMLQuantizationType

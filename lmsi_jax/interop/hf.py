@@ -23,8 +23,8 @@ from jax.sharding import Mesh
 from safetensors import SafetensorError, safe_open
 
 from lmsi_jax import model as model_lib
-from lmsi_jax.checkpoints import layout
-from lmsi_jax.checkpoints import tokenizer as tok_lib
+from lmsi_jax.interop import layout
+from lmsi_jax.interop import tokenizer as tok_lib
 from lmsi_jax.data import vocab as vocab_lib
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",

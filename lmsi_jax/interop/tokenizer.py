@@ -126,7 +126,7 @@ def load_tokenizer(path: str) -> seqio.Vocabulary:
   if os.path.isdir(path):
     return load_hf_tokenizer(path)
   if path.endswith(".gguf"):
-    from lmsi_jax.checkpoints import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
+    from lmsi_jax.interop import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
     return gguf_lib.load_vocab(path)
   if path.endswith(".model"):
     return vocab_lib.SentencePieceVocabulary(path)
