@@ -239,3 +239,108 @@ def test_pair_batches_cycle_and_restore():
   resumed = vote_dpo.PairBatches(rows, 4, seed=0)
   resumed.restore(st)
   assert [next(resumed)["tokens"][:, 0].tolist() for _ in range(3)] == first[1:]
+
+
+# ------------------------------------------------------------ resume after a kill
+class Killed(Exception):
+  pass
+
+
+def _script(kill_at=None):
+  """Varied answers per (seed, prompt, sample); raises Killed on call number `kill_at`."""
+  n = {"calls": 0}
+
+  def script(prompts, settings, seed):
+    n["calls"] += 1
+    if kill_at is not None and n["calls"] == kill_at:
+      raise Killed()
+    return [[_sample(f"1 + 2 = 3. The answer is {(seed + i + j * j) % 3}.", seed + j)
+             for j in range(settings.num_samples)] for i in range(len(prompts))]
+  return script
+
+
+def _ctx(demo_config, workdir, kill_at=None):
+  from lmsi_jax import context as context_lib
+  cfg = demo_config("smoke", {"guard.probe_n": 0, "train.num_steps": 4, "train.batch_size": 16,
+                              "train.checkpoint_every": 2, "train.learning_rate": 1e-2,
+                              "vote_rl.questions_per_step": 4, "vote_rl.samples_per_question": 4,
+                              "vote_rl.steps_per_round": 4, "vote_rl.kl_coef": 0.1})
+  fake = testing.ScriptedSampler(_script(kill_at))
+  return context_lib.build_context(cfg, str(workdir), sampler=fake), fake
+
+
+def _leaves(lm):
+  return [np.asarray(x) for x in jax.tree.leaves(lm.state)]
+
+
+def test_vote_rl_resumes_after_a_kill_from_its_last_checkpoint(demo_config, tmp_path):
+  ref_ctx, ref_fake = _ctx(demo_config, tmp_path / "ref")
+  qs = ref_ctx.problem.pool[:12]
+  out = lambda c: c.path("round_1", "train")
+  ref, summary = vote_rl.train_round(ref_ctx, ref_ctx.base_lm, ref_ctx.base_lm, 1, qs,
+                                     out(ref_ctx))
+  assert len(ref_fake.calls) == 4 and all(c.num_samples == 4 for c in ref_fake.calls)
+  assert any(not np.array_equal(a, b) for a, b in zip(_leaves(ref), _leaves(ref_ctx.base_lm)))
+  assert summary.num_questions == 16 and summary.sampled_tokens > 0
+  assert summary.mean_reward is not None and summary.reward_accuracy is not None
+
+  ctx, fake = _ctx(demo_config, tmp_path / "run", kill_at=4)      # dies sampling batch 3
+  with pytest.raises(Killed):
+    vote_rl.train_round(ctx, ctx.base_lm, ctx.base_lm, 1, qs, out(ctx))
+  ckpts = os.listdir(os.path.join(out(ctx), "checkpoints"))
+  assert "2" in ckpts and "4" not in ckpts
+  ctx2, fake2 = _ctx(demo_config, tmp_path / "run")
+  got, summary2 = vote_rl.train_round(ctx2, ctx2.base_lm, ctx2.base_lm, 1, qs, out(ctx2))
+  assert [c.seed for c in fake2.calls] == [c.seed for c in ref_fake.calls[2:]]   # batches 2, 3
+  for a, b in zip(_leaves(got), _leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert summary2 == summary.__class__(**{**summary.to_dict(), "sample_wall_s": 0.0})
+  with open(os.path.join(out(ctx2), "done.json")) as f:
+    assert json.load(f)["num_steps"] == 4
+  # done: a third call restores the final checkpoint and samples nothing
+  ctx3, fake3 = _ctx(demo_config, tmp_path / "run")
+  again, _ = vote_rl.train_round(ctx3, ctx3.base_lm, ctx3.base_lm, 1, qs, out(ctx3))
+  assert not fake3.calls
+  for a, b in zip(_leaves(again), _leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _write_samples(ctx, qs):
+  from lmsi_jax.data import jsonl
+  recs = [{"id": q["id"], "question": q["question"], "samples": [
+      {"text": f"The answer is {i if j < 3 or i % 3 == 0 else i + 1}.", "mean_logprob": -0.5,
+       "num_tokens": 16,
+       "stop_reason": "eos"} for j in range(4)]} for i, q in enumerate(qs)]
+  jsonl.write_jsonl_atomic(ctx.path("round_1", "samples", "shard_00000.jsonl"), recs)
+
+
+def test_vote_dpo_resumes_after_a_kill_from_its_last_checkpoint(demo_config, tmp_path,
+                                                                monkeypatch):
+  ref_ctx, _ = _ctx(demo_config, tmp_path / "ref")
+  qs = ref_ctx.problem.pool[:12]
+  _write_samples(ref_ctx, qs)
+  out = lambda c: c.path("round_1", "train")
+  ref = vote_dpo.train_round(ref_ctx, ref_ctx.base_lm, 1, out(ref_ctx))
+  pairs = [json.loads(l) for l in open(ref_ctx.path("round_1", "pairs.jsonl"))]
+  assert len(pairs) == 8          # 12 questions, every third unanimous
+  assert {p["weight"] for p in pairs} == {0.5}                     # (3 - 1) / 4
+  assert any(not np.array_equal(a, b) for a, b in zip(_leaves(ref), _leaves(ref_ctx.base_lm)))
+
+  ctx, _ = _ctx(demo_config, tmp_path / "run")
+  _write_samples(ctx, qs)
+  real_next, n = vote_dpo.PairBatches.__next__, {"calls": 0}
+
+  def dying_next(self):
+    n["calls"] += 1
+    if n["calls"] == 4:           # batch of step 3: steps 0-1 saved at 2
+      raise Killed()
+    return real_next(self)
+  monkeypatch.setattr(vote_dpo.PairBatches, "__next__", dying_next)
+  with pytest.raises(Killed):
+    vote_dpo.train_round(ctx, ctx.base_lm, 1, out(ctx))
+  monkeypatch.setattr(vote_dpo.PairBatches, "__next__", real_next)
+  assert "2" in os.listdir(os.path.join(out(ctx), "checkpoints"))
+  ctx2, _ = _ctx(demo_config, tmp_path / "run")
+  got = vote_dpo.train_round(ctx2, ctx2.base_lm, 1, out(ctx2))
+  for a, b in zip(_leaves(got), _leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
