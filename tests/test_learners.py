@@ -344,3 +344,48 @@ def test_vote_dpo_resumes_after_a_kill_from_its_last_checkpoint(demo_config, tmp
   got = vote_dpo.train_round(ctx2, ctx2.base_lm, 1, out(ctx2))
   for a, b in zip(_leaves(got), _leaves(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ round wiring
+@pytest.mark.parametrize("learner,want", [
+    ("sft", ["sample_and_vote", "train"]),
+    ("vote_dpo", ["sample_and_vote", "vote_dpo"]),
+    ("vote_rl", ["vote_rl"])])
+def test_rounds_learner_picks_the_round_stages(demo_config, tmp_path, learner, want):
+  """rounds.learner routes each round: sft trains on the pseudo-labels, vote_dpo on the
+  round's vote store, vote_rl samples its own (the round's sampling stage does not run)."""
+  from lmsi_jax import results, rounds
+  ctx, _ = _ctx(demo_config, tmp_path)
+  cfg = ctx.cfg.copy_and_resolve_references()
+  cfg.rounds.update(num_rounds=1, learner=learner, seed_weight=1.0)
+  ctx = ctx.replace(cfg=cfg)
+  calls = []
+  ev = results.EvalResult(greedy_acc=0.5, sc_acc=0.5, num_questions=0, sc_num_samples=0,
+                          sc_temperature=0.0, mean_vote_share=0.0, greedy_parse_rate=0.0,
+                          calibration=[], extraction=None, examples=[])
+  summary = results.VoteSummary(
+      num_questions=3, num_voted=0, num_pseudo_labels=0, num_records=0,
+      pseudo_label_precision=None, mean_vote_share=0.0, pass_at_k=None, maj_at_k=None,
+      mean_distinct_answers=0.0, mean_distinct_paths=0.0, pool_calibration=None,
+      sampled_tokens=7)
+
+  def trained(name, lm, out_dir):
+    calls.append(name)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "done.json"), "w") as f:
+      json.dump({"wall_s": 1.0}, f)
+    return dataclasses.replace(lm)
+
+  st = dataclasses.replace(
+      rounds.STAGES,
+      sample_and_vote=lambda c, lm, r, step, qs=None: calls.append("sample_and_vote") or summary,
+      train=lambda c, lm, mix, out_dir, **kw: trained("train", lm, out_dir),
+      vote_dpo=lambda c, lm, r, out_dir: trained("vote_dpo", lm, out_dir),
+      vote_rl=lambda c, lm, ref, r, qs, out_dir: (trained("vote_rl", lm, out_dir), summary),
+      evaluate=lambda c, lm, path, t, off: ev)
+  base = results.BaseResult(ctx.replace(seed_task=None), ctx.base_lm, 0, ev)
+  from lmsi_jax import stages
+  base = dataclasses.replace(base, ctx=base.ctx.replace(seed_task=stages.seed_data(base.ctx)))
+  res = rounds.run_lmsi(base.ctx, base, st)
+  assert calls == want
+  assert res.rows()[0]["sampled_tokens"] == 7 and res.rows()[0]["wall_s"] == 1.0
