@@ -215,6 +215,7 @@ def plot_learners(rep: dict, workdir: str) -> str | None:
       xs = [0] + [r["round"] for r in v["rounds"]]
       ax.plot(xs, [rep["base"][key]] + [r[key] for r in v["rounds"]], "o-", label=name)
     ax.set(xlabel="round (0 = base)", ylabel="accuracy", ylim=(0, 1), title=title)
+    ax.set_xticks(sorted({0} | {r["round"] for v in table.values() for r in v["rounds"]}))
     ax.legend(fontsize=8)
   fig.tight_layout()
   return save_png(fig, os.path.join(workdir, "learners.png"))

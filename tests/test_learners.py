@@ -389,3 +389,47 @@ def test_rounds_learner_picks_the_round_stages(demo_config, tmp_path, learner, w
   res = rounds.run_lmsi(base.ctx, base, st)
   assert calls == want
   assert res.rows()[0]["sampled_tokens"] == 7 and res.rows()[0]["wall_s"] == 1.0
+
+
+# ---------------------------------------------------------- the comparison (smoke)
+@pytest.mark.slow
+def test_learners_smoke_compares_the_three_from_one_base(tmp_path):
+  """configs/demo.py:learners_smoke: each learner's rows under its name, the same
+  sampled-path budget per round, one vote store for round 1 (vote_dpo reads sft's samples)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  workdir = tmp_path / "run"
+  p = subprocess.run([sys.executable, "-m", "lmsi_jax.main",
+                      "--config=configs/demo.py:learners_smoke", f"--workdir={workdir}"],
+                     cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
+  assert p.returncode == 0, p.stderr[-4000:]
+  rep = json.loads((workdir / "report.json").read_text())
+  table = rep["learners"]
+  assert list(table) == ["sft", "vote_rl", "vote_dpo"]
+  for name, v in table.items():
+    assert [r["round"] for r in v["rounds"]] == [1, 2] and v["final"]["round"] == 2, name
+    for row in v["rounds"]:
+      assert 0 <= row["greedy_acc"] <= 1 and 0 <= row["sc_acc"] <= 1 and row["wall_s"] > 0
+      assert row["sampled_tokens"] > 0
+    assert v["sampled_tokens"] == sum(r["sampled_tokens"] for r in v["rounds"])
+  assert table["sft"]["spurious"] is not None and table["vote_rl"]["spurious"] is None
+  assert all(r["reward_accuracy"] is not None for r in table["vote_rl"]["rounds"])
+  assert rep["rounds"] == table["sft"]["rounds"]
+  for r in (1, 2):    # budget: vote_rl samples as many paths per round (48 questions x 4)
+    d = workdir / "vote_rl" / f"round_{r}" / "train" / "rollouts"
+    recs = [json.loads(l) for f in sorted(os.listdir(d)) for l in open(d / f)]
+    assert len(recs) == 6 * 8 and sum(x["total"] for x in recs) == 48 * 4
+    assert not (workdir / "vote_rl" / f"round_{r}" / "samples").exists()
+    pairs = (workdir / "vote_dpo" / f"round_{r}" / "pairs.jsonl").read_text().splitlines()
+    done = json.loads((workdir / "vote_dpo" / f"round_{r}" / "train" / "done.json").read_text())
+    assert done["num_pairs"] == len(pairs)
+  # one vote store: vote_dpo's round 1 pairs come from sft's round-1 samples
+  assert not (workdir / "vote_dpo" / "round_1" / "samples").exists()
+  assert (workdir / "vote_dpo" / "round_2" / "samples").exists()
+  assert (table["vote_dpo"]["rounds"][0]["sampled_tokens"]
+          == table["sft"]["rounds"][0]["sampled_tokens"])
+  assert (workdir / "learners.png").stat().st_size > 0
+  assert "## Learners" in (workdir / "report.md").read_text()

@@ -10,7 +10,8 @@ samples (one vote store). The sft learner's spurious-label arm runs when
 report.json: the usual keys (its `rounds` are the first learner's) plus
 `learners`: {name: {rounds: [round rows], final {round, greedy_acc, sc_acc},
 sampled_tokens (every round's sampling: the learner's budget), wall_s (its own
-stages), spurious (sft only, or null)}}. report.md gets a learners table and
+rounds' stages; round-1 samples shared with vote_dpo count for sft), spurious (sft
+only, or null)}}. report.md gets a learners table and
 learners.png plots them side by side (report.plot_learners).
 """
 
@@ -60,7 +61,8 @@ class LearnerComparison:
       if cfg.eval.spurious and lmsi.final_round:
         spurious = rounds_lib.run_arm(s, "spurious", base, lmsi, self.stages)
       last = rows[lmsi.final_round - 1] if lmsi.final_round else base.eval.to_dict()
-      own = {n for n in s.store.entries() if n.startswith(name + "/")}
+      own = {n for n in s.store.entries()       # its rounds (its arm is reported apart)
+             if n.startswith(name + "/") and not n.startswith(f"{name}/spurious/")}
       table[name] = {
           "rounds": rows,
           "final": {"round": lmsi.final_round, "greedy_acc": last["greedy_acc"],

@@ -107,6 +107,8 @@ def train_round(ctx: RunContext, lm, r: int, out_dir: str):
   c = ctx.cfg
   if getattr(lm, "frozen", None) is not None or c.train.lora.rank:
     raise ValueError("config.rounds.learner='vote_dpo' trains every weight: set train.lora.rank=0")
+  if jax.process_count() > 1:   # its batches are built whole on every host (not yet split)
+    raise ValueError("config.rounds.learner='vote_dpo' runs in one process only (for now)")
   rdir = os.path.dirname(out_dir)
   samples_dir = ctx.path(f"round_{r}", "samples")
   pairs_path = os.path.join(rdir, "pairs.jsonl")
@@ -140,7 +142,8 @@ def train_round(ctx: RunContext, lm, r: int, out_dir: str):
                           loss_fn=objectives.DirectPreference(c.vote_dpo.beta,
                                                               ctx.vocab.vocab_size))
   else:
-    logging.warning("round %d vote_dpo: no question has two distinct answers; no update", r)
+    logging.warning("round %d vote_dpo: no question's vote prefers one answer to another (every "
+                    "vote unanimous or tied); the round makes no update", r)
     new, cut = dataclasses.replace(lm), 0
   if not st.done:
     done = os.path.join(out_dir, "done.json")

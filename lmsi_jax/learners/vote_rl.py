@@ -145,6 +145,8 @@ def train_round(ctx: RunContext, lm, ref_lm, r: int, questions,
   s = RlSettings.from_config(ctx.cfg)
   if getattr(lm, "frozen", None) is not None or ctx.cfg.train.lora.rank:
     raise ValueError("config.rounds.learner='vote_rl' trains every weight: set train.lora.rank=0")
+  if jax.process_count() > 1:   # its batches are built whole on every host (not yet split)
+    raise ValueError("config.rounds.learner='vote_rl' runs in one process only (for now)")
   rdir = os.path.dirname(out_dir)
   summary_path = os.path.join(rdir, "vote_summary.json")
   st = ctx.stage(out_dir, KEYS, inputs=[ctx.origin(lm), ctx.exemplar_stage()],
