@@ -408,7 +408,7 @@ def test_learners_smoke_compares_the_three_from_one_base(tmp_path):
   assert p.returncode == 0, p.stderr[-4000:]
   rep = json.loads((workdir / "report.json").read_text())
   table = rep["learners"]
-  assert list(table) == ["sft", "vote_rl", "vote_dpo"]
+  assert sorted(table) == ["sft", "vote_dpo", "vote_rl"]     # report.json sorts its keys
   for name, v in table.items():
     assert [r["round"] for r in v["rounds"]] == [1, 2] and v["final"]["round"] == 2, name
     for row in v["rounds"]:
@@ -433,3 +433,27 @@ def test_learners_smoke_compares_the_three_from_one_base(tmp_path):
           == table["sft"]["rounds"][0]["sampled_tokens"])
   assert (workdir / "learners.png").stat().st_size > 0
   assert "## Learners" in (workdir / "report.md").read_text()
+
+
+def test_seed_aggregate_carries_each_learner():
+  """--seeds over mode "learners": mean ± sd of every learner's rows (multiseed.headline)."""
+  from lmsi_jax import multiseed
+  row = lambda g, extra=None: {"round": 1, "greedy_acc": g, "sc_acc": g + 0.1,
+                               "pseudo_label_precision": 0.5, **(extra or {})}
+  def rep(g):
+    return {"base": {"greedy_acc": 0.1, "sc_acc": 0.2}, "rounds": [row(g)],
+            "final": {"round": 1, "greedy_acc": g, "sc_acc": g + 0.1},
+            "learners": {
+                "sft": {"rounds": [row(g)], "final": {"greedy_acc": g, "sc_acc": g + 0.1},
+                        "sampled_tokens": 100, "wall_s": 5.0, "spurious": {"greedy_acc": 0.05}},
+                "vote_rl": {"rounds": [row(g / 2, {"reward_accuracy": 0.7})],
+                            "final": {"greedy_acc": g / 2, "sc_acc": 0.0},
+                            "sampled_tokens": 110, "wall_s": 6.0, "spurious": None}}}
+  agg = multiseed.aggregate({0: rep(0.4), 1: rep(0.6)})
+  assert agg["mean"]["sft_round1_greedy"] == pytest.approx(0.5)
+  assert agg["mean"]["vote_rl_final_greedy"] == pytest.approx(0.25)
+  assert agg["mean"]["vote_rl_round1_reward_accuracy"] == pytest.approx(0.7)
+  assert agg["mean"]["sft_spurious_greedy"] == pytest.approx(0.05)
+  assert agg["mean"]["vote_rl_sampled_tokens"] == 110
+  md = multiseed.to_markdown(agg)
+  assert "| vote_rl_sampled_tokens | 110 | 110 | 110 ± 0 |" in md
