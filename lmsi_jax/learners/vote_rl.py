@@ -5,7 +5,9 @@ pool questions (a seeded permutation of the round's pool, wrapping) are sampled
 `samples_per_question` times with the CURRENT weights (the sampler reads the
 train step's own sharded params: no copy, no second engine); each question's
 paths are voted, a path's reward is 1 if its answer is the majority
-(`objectives.vote_rewards`, which sees sampled answers only); advantages are
+(`objectives.vote_rewards`, which sees sampled answers only; the plain count
+majority, answers read with the task's extractor: voting.weighted,
+min_vote_share, max_paths and dedup shape the sft learner only); advantages are
 group-normalised (`std_normalize=False`: Dr. GRPO); then `updates_per_batch`
 clipped policy-gradient updates (`objectives.ClippedPolicyGradient`) use the
 sampler's own per-token log-probs as the old policy (optional k3 KL to the
