@@ -21,6 +21,9 @@ from lmsi_jax import config as config_lib
 def get_config(arg: str | None = None):
   if arg in ("format_ablation", "format_ablation_smoke", "strategy", "strategy_smoke"):
     return _study(get_config("smoke" if arg.endswith("_smoke") else None), arg.split("_smoke")[0])
+  if arg in ("learners", "learners_smoke"):
+    return _learners(get_config("smoke" if arg == "learners_smoke" else None),
+                     arg == "learners_smoke")
   if arg in ("w2s", "w2s_smoke"):
     return _w2s(get_config("smoke" if arg == "w2s_smoke" else None), arg == "w2s_smoke")
   c = config_lib.base_config()
@@ -66,7 +69,34 @@ def get_config(arg: str | None = None):
     c.rounds.num_rounds = 2
     c.eval.update(num_samples=4)
   elif arg:
-    raise ValueError(f"configs/demo.py: unknown variant {arg!r} (known: smoke, format_ablation[_smoke], strategy[_smoke], w2s, w2s_smoke)")
+    raise ValueError(f"configs/demo.py: unknown variant {arg!r} (known: smoke, format_ablation[_smoke], strategy[_smoke], w2s, w2s_smoke, learners[_smoke])")
+  return c
+
+
+def _learners(c, smoke: bool):
+  """One vote store, three learners (lmsi_jax/learners/): sft (LMSI), vote_rl (TTRL-style
+  GRPO, majority = reward) and vote_dpo (ScPO-style DPO), from one base model, with the same
+  sampled-path budget per round and the same evaluation; the spurious arm for sft.
+
+  Budget: sft and vote_dpo sample the pool (1,000 questions x 32 paths) once per round;
+  vote_rl samples 25 batches of 40 questions x 32 paths = 32,000 paths per round, on policy.
+  report.md's learners table lists each learner's sampled tokens. vote_rl and vote_dpo's
+  learning rates are first guesses, not tuned.
+
+    python -m lmsi_jax.main --config=configs/demo.py:learners --workdir=DIR --seeds=0-2
+  """
+  c.mode = "learners"
+  c.eval.update(oracle=False, control=False)
+  c.guard.probe_n = 0     # every learner runs every round
+  c.learners.compare = ("sft", "vote_rl", "vote_dpo")
+  c.synthetic.pool_n = 1000   # no probe held out of it
+  c.vote_rl.update(questions_per_step=40, samples_per_question=32, steps_per_round=25,
+                   updates_per_batch=1, clip_eps=0.2, std_normalize=True, kl_coef=0.0,
+                   learning_rate=1e-4)
+  c.vote_dpo.update(beta=0.1, margin_weighted=True, learning_rate=1e-4)
+  if smoke:   # pool 48 x 4 paths; vote_rl: 6 batches of 8 questions x 4 paths = 192 paths
+    c.synthetic.pool_n = 48
+    c.vote_rl.update(questions_per_step=8, samples_per_question=4, steps_per_round=6)
   return c
 
 

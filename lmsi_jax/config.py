@@ -100,8 +100,23 @@ def base_config() -> ml_collections.ConfigDict:
       pseudo_weight=1.0,        # mixture weight of the latest round's pseudo-labels
       seed_weight=0.0,          # ... of the labeled seed data
       previous_weight=0.0,      # ... of earlier rounds' pseudo-labels (split evenly)
-      early_stop_patience=0))   # stop after this many rounds without a better held-out
+      early_stop_patience=0,    # stop after this many rounds without a better held-out
                                 # greedy accuracy (0 = off; see lmsi_jax/early_stop.py)
+      # What a round learns from its votes (lmsi_jax/learners/): "sft" (LMSI: fine-tune on
+      # the majority paths) | "vote_rl" (TTRL: GRPO, majority = reward) | "vote_dpo" (ScPO:
+      # DPO on most- vs least-voted paths).
+      learner="sft"))
+  # Learner vote_rl (lmsi_jax/learners/vote_rl.py); optimizer and schedule are train.*.
+  c.vote_rl = ml_collections.ConfigDict(dict(
+      questions_per_step=8, samples_per_question=8, steps_per_round=4, updates_per_batch=1,
+      clip_eps=0.2, std_normalize=True,   # False: Dr. GRPO (advantages not divided by std)
+      kl_coef=0.0,                        # k3 KL to the frozen base model
+      learning_rate=0.0))                 # 0 = train.learning_rate
+  # Learner vote_dpo (lmsi_jax/learners/vote_dpo.py); steps and batch are train.*.
+  c.vote_dpo = ml_collections.ConfigDict(dict(
+      beta=0.1, margin_weighted=True, learning_rate=0.0))   # 0 = train.learning_rate
+  # mode="learners" (lmsi_jax/learners/compare.py): these learners from one base model.
+  c.learners = ml_collections.ConfigDict(dict(compare=("sft", "vote_rl", "vote_dpo")))
   # Self-generated data (LMSI §3.3; lmsi_jax/selfgen.py).
   c.selfgen = ml_collections.ConfigDict(dict(
       questions=False,          # each round the model writes new pool questions
@@ -180,6 +195,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.rounds.num_rounds >= 0, "rounds.num_rounds", "must be >= 0")
   check(c.rounds.init in ("continue", "restart"), "rounds.init", "expected 'continue' or 'restart'")
   check(c.rounds.early_stop_patience >= 0, "rounds.early_stop_patience", "must be >= 0 (0 = off)")
+  _validate_learners(c, check)
   g = c.selfgen
   check(g.num_questions >= 1, "selfgen.num_questions", "must be >= 1")
   check(g.prompt_questions >= 1, "selfgen.prompt_questions", "must be >= 1")
@@ -234,6 +250,29 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check(c.data.on_error in ("raise", "skip"), "data.on_error", "expected 'raise' or 'skip'")
   if c.task.name == "gsm8k" and c.data.source == "jsonl":
     check(bool(c.data.dir), "data.dir", "set it to a directory with train.jsonl and test.jsonl")
+
+
+def _validate_learners(c, check) -> None:
+  from lmsi_jax import learners  # pylint: disable=g-import-not-at-top
+  check(c.rounds.learner in learners.LEARNERS, "rounds.learner",
+        f"expected one of {learners.LEARNERS}")
+  names = tuple(c.learners.compare)
+  check(len(names) > 0 and len(set(names)) == len(names)
+        and all(n in learners.LEARNERS for n in names), "learners.compare",
+        f"a non-empty tuple of distinct names from {learners.LEARNERS}")
+  rl = c.rounds.learner != "sft" or (c.mode == "learners" and set(names) != {"sft"})
+  if rl:
+    check(not c.train.lora.rank, "train.lora.rank", "vote_rl and vote_dpo train every weight: "
+          "set it to 0")
+  if c.rounds.learner != "sft":
+    check(not c.eval.spurious, "eval.spurious", f"is an arm of the sft learner's pseudo-labels "
+          f"(rounds.learner={c.rounds.learner!r})")
+  if c.rounds.learner == "vote_rl":
+    check(not c.selfgen.questions, "selfgen.questions", "vote_rl samples the pool only")
+  try:
+    learners.check_config(c)
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
 
 
 def _validate_w2s(c, check) -> None:

@@ -16,6 +16,7 @@ MODES = {
     "format_ablation": "lmsi_jax.ablation:FormatAblation",   # LMSI Table 5 on one base
     "strategies": "lmsi_jax.ablation:StrategyComparison",    # rounds.init continue vs restart
     "w2s": "lmsi_jax.w2s:W2S",                        # teacher labels -> student (weak-to-strong)
+    "learners": "lmsi_jax.learners.compare:LearnerComparison",   # sft vs vote_rl vs vote_dpo
 }
 
 

@@ -63,6 +63,19 @@ def headline(rep: dict) -> dict[str, float | None]:
       out[f"{arm}_sc"] = rep[arm]["sc_acc"]
   for k, v in (rep.get("gains") or {}).items():
     out[f"gain_{k}"] = v
+  for name, v in (rep.get("learners") or {}).items():     # mode "learners"
+    for r in v["rounds"]:
+      for key, col in (("greedy_acc", "greedy"), ("sc_acc", "sc"),
+                       ("pseudo_label_precision", "precision"),
+                       ("reward_accuracy", "reward_accuracy")):
+        if r.get(key) is not None:
+          out[f"{name}_round{r['round']}_{col}"] = r[key]
+    out[f"{name}_final_greedy"] = v["final"]["greedy_acc"]
+    out[f"{name}_final_sc"] = v["final"]["sc_acc"]
+    out[f"{name}_sampled_tokens"] = v["sampled_tokens"]
+    out[f"{name}_wall_s"] = v["wall_s"]
+    if v.get("spurious"):
+      out[f"{name}_spurious_greedy"] = v["spurious"]["greedy_acc"]
   out["pgr"] = rep.get("pgr")
   out["pgr_sc"] = rep.get("pgr_sc")
   out["wall_s"] = rep.get("wall_s")
@@ -96,7 +109,7 @@ def _fmt(k: str, v) -> str:
     return "—"
   if k.startswith(("pgr", "final_round")):
     return f"{v:.2f}" if k.startswith("pgr") else f"{v:.0f}"
-  if k == "wall_s":
+  if k == "wall_s" or k.endswith(("_wall_s", "_sampled_tokens")):
     return f"{v:.0f}"
   if k.startswith("gain_"):
     return f"{100 * v:+.1f}"

@@ -8,7 +8,10 @@ sc_acc}, control {greedy_acc, sc_acc}, spurious {greedy_acc, sc_acc}, final
 guard's choice), gains {over_base, over_control, over_spurious} (final greedy
 minus each, fractions), pgr (on final), calibration, wall_s, early_stop (null
 unless rounds.early_stop_patience > 0; see early_stop.py), collapse_guard (null
-unless guard.probe_n > 0; see guard.py).
+unless guard.probe_n > 0; see guard.py). Mode "learners" adds `learners`
+{name: {rounds, final, sampled_tokens, wall_s, spurious}} (learners/compare.py)
+and learners.png; rounds rows carry `sampled_tokens` (and vote_rl's
+`reward_accuracy`, `mean_reward`).
 base, each round and the arms also carry "extraction" (see
 evaluate.extraction_summary): {extractor, greedy_unextracted, greedy_paths,
 sc_unextracted, sc_paths, greedy_others: {name: {acc, unextracted, disagree}}, unavailable};
@@ -195,6 +198,27 @@ def plot(rep: dict, workdir: str) -> list[str]:
   paths.append(save_png(fig, os.path.join(workdir, "calibration.png")))
   paths += [p for p in [diagnostics.plot(rep, workdir, save_png)] if p]
   return paths
+
+
+def plot_learners(rep: dict, workdir: str) -> str | None:
+  """learners.png: greedy and SC accuracy per round of each learner (mode "learners"),
+  side by side, from the same base."""
+  table = rep.get("learners")
+  if not table:
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  for ax, key, title in zip(axes, ("greedy_acc", "sc_acc"), ("greedy CoT", "self-consistency")):
+    for name, v in table.items():
+      xs = [0] + [r["round"] for r in v["rounds"]]
+      ax.plot(xs, [rep["base"][key]] + [r[key] for r in v["rounds"]], "o-", label=name)
+    ax.set(xlabel="round (0 = base)", ylabel="accuracy", ylim=(0, 1), title=title)
+    ax.set_xticks(sorted({0} | {r["round"] for v in table.values() for r in v["rounds"]}))
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  return save_png(fig, os.path.join(workdir, "learners.png"))
 
 
 def save_png(fig, path: str) -> str:

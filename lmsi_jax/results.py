@@ -73,12 +73,15 @@ class VoteSummary(_Result):
   num_records: int = 0
   sample_wall_s: float = 0.0
   vote_wall_s: float = 0.0
+  sampled_tokens: int = 0                 # tokens the round sampled (its learner's budget)
+  reward_accuracy: float | None = None    # vote_rl: vote rewards that equal gold rewards
+  mean_reward: float | None = None        # vote_rl: mean vote reward of its paths
 
 
 @dataclasses.dataclass(frozen=True)
 class RoundResult(_Result):
   """One LMSI round as report.json's "rounds" lists it."""
-  _OPTIONAL = ("selfgen", "guard")
+  _OPTIONAL = ("selfgen", "guard", "reward_accuracy", "mean_reward")
   round: int
   greedy_acc: float
   sc_acc: float
@@ -98,6 +101,9 @@ class RoundResult(_Result):
   wall_s: float
   selfgen: dict | None = None
   guard: dict | None = None
+  sampled_tokens: int = 0
+  reward_accuracy: float | None = None
+  mean_reward: float | None = None
 
   @classmethod
   def of(cls, r: int, summary: VoteSummary, ev: EvalResult, train_done: dict,
@@ -112,6 +118,8 @@ class RoundResult(_Result):
                pool_calibration=summary.pool_calibration, calibration=ev.calibration,
                extraction=ev.get("extraction"),
                train_truncated=train_done.get("num_truncated", 0), selfgen=selfgen or None,
+               sampled_tokens=summary.sampled_tokens, reward_accuracy=summary.reward_accuracy,
+               mean_reward=summary.mean_reward,
                wall_s=summary.sample_wall_s + summary.vote_wall_s + train_done["wall_s"]
                       + ev.wall_s + (selfgen or {}).get("wall_s", 0.0))
 

@@ -37,6 +37,8 @@ from lmsi_jax import results
 from lmsi_jax import selfgen
 from lmsi_jax import stages as stages_lib
 from lmsi_jax import wandb_logger
+from lmsi_jax.learners import vote_dpo
+from lmsi_jax.learners import vote_rl
 from lmsi_jax.context import (ARMS, BASE_TRAIN_EXCLUDE, BASE_TRAIN_KEYS, EVAL_EXCLUDE,  # noqa: F401
                               EVAL_KEYS, PROBE_KEYS, SAMPLE_KEYS, SEED_KEYS,
                               SELFGEN_EXEMPLAR_KEYS, SELFGEN_QUESTION_KEYS, TRAIN_KEYS, VOTE_KEYS,
@@ -53,6 +55,8 @@ class Stages:
   probe: Callable = stages_lib.probe
   generate_questions: Callable = selfgen.generate_questions
   generate_exemplars: Callable = selfgen.generate_exemplars
+  vote_rl: Callable = vote_rl.train_round          # rounds.learner="vote_rl"
+  vote_dpo: Callable = vote_dpo.train_round        # rounds.learner="vote_dpo"
 
 
 STAGES = Stages()
@@ -95,17 +99,28 @@ def run_lmsi(ctx: RunContext, base: results.BaseResult, st: Stages = STAGES
     if c.selfgen.questions:      # LMSI §3.3: new questions join this round's pool
       extra, gen = st.generate_questions(ctx, current, r)
       pool = pool + extra
-    summary = st.sample_and_vote(ctx, current, r, step, pool)
-    round_records[r] = summary.num_records
-    if summary.num_records:
-      round_tasks.append(ctx.register(tasks.round_task_name(ctx.problem.name, r),
-                                      ctx.path(f"round_{r}", "pseudo_labels.jsonl")))
     cont = c.rounds.init == "continue"
     init = current if cont else base.lm
-    step = (step if cont else base.steps) + c.train.num_steps
-    current = st.train(ctx, init, stages_lib.mixture(ctx, ctx.seed_task, "lmsi", r, round_tasks),
-                       ctx.path(f"round_{r}", "train"), data_seed=ctx.data_seed(r),
-                       extra_keys=("rounds.init",) if r > 1 else ())
+    out_dir, learner = ctx.path(f"round_{r}", "train"), c.rounds.learner
+    if learner == "vote_rl":     # on-policy: its own samples and votes, every batch
+      current, summary = st.vote_rl(ctx, init, base.lm, r, pool, out_dir)
+      round_records[r] = 0
+      step = (step if cont else base.steps) + (c.vote_rl.steps_per_round
+                                               * c.vote_rl.updates_per_batch)
+    else:
+      summary = st.sample_and_vote(ctx, current, r, step, pool)
+      round_records[r] = summary.num_records
+      step = (step if cont else base.steps) + c.train.num_steps
+    if learner == "vote_dpo":    # pairs from the round's vote store
+      current = st.vote_dpo(ctx, init, r, out_dir)
+    elif learner == "sft":
+      if summary.num_records:
+        round_tasks.append(ctx.register(tasks.round_task_name(ctx.problem.name, r),
+                                        ctx.path(f"round_{r}", "pseudo_labels.jsonl")))
+      current = st.train(ctx, init, stages_lib.mixture(ctx, ctx.seed_task, "lmsi", r,
+                                                       round_tasks),
+                         out_dir, data_seed=ctx.data_seed(r),
+                         extra_keys=("rounds.init",) if r > 1 else ())
     ev = st.evaluate(ctx, current, ctx.path(f"round_{r}", "eval.json"), c.eval.temperature, r)
     rows.append(results.RoundResult.of(r, summary, ev, ctx.train_done(f"round_{r}", "train"),
                                        gen))

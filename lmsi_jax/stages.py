@@ -193,7 +193,9 @@ def sample_and_vote(ctx: RunContext, lm, r: int, source_step: int,
     jsonl.write_jsonl_atomic(outs[1], labels)
   summary = pl.summarize_votes(votes, c.eval.calibration_bins)
   summary.update(num_records=len(labels), sample_wall_s=ctx.store.wall_s([sst.name]),
-                 vote_wall_s=vst.elapsed())
+                 vote_wall_s=vst.elapsed(),
+                 sampled_tokens=int(sum(x.get("num_tokens", 0) for rec in samples
+                                        for x in rec["samples"])))
   distributed.write_json(outs[2], summary)
   vst.finish(*outs, wall_s=summary["vote_wall_s"])
   return results.VoteSummary.from_dict(summary)
