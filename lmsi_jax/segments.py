@@ -34,16 +34,42 @@ class Segment:
   pos: jax.Array
 
 
-def _scores(q, k):
+def _block_query(q):
+  """q [B,1,KV,G,D] -> block-diagonal [B, KV*D, KV*G]: a row's keys [S, KV*D] (a free
+  reshape of the cache) times it are exactly the per-head scores, with no transpose of
+  the cache (XLA:CPU copies a [B,S,KV,D] cache to contract it per head)."""
+  b, _, kvh, g, d = q.shape
+  eye = jnp.eye(kvh, dtype=q.dtype)
+  return jnp.einsum("bkgd,kl->bldkg", q[:, 0], eye).reshape(b, kvh * d, kvh * g)
+
+
+def _scores(q, k, qb):
   """q [B,T,KV,G,D], k [Bk,S,KV,D] -> [B,T,KV,G,S] f32 (Bk = 1 is shared by every row)."""
-  if k.shape[0] == 1 and q.shape[0] != 1:
+  shared = k.shape[0] == 1 and q.shape[0] != 1
+  if qb is not None:                                           # one decode step
+    b, _, kvh, g, _ = q.shape
+    kf = k.reshape(k.shape[0], k.shape[1], -1)
+    s = (jnp.einsum("sc,bcj->bsj", kf[0], qb, preferred_element_type=jnp.float32) if shared else
+         jnp.einsum("bsc,bcj->bsj", kf, qb, preferred_element_type=jnp.float32))
+    return jnp.swapaxes(s, 1, 2).reshape(b, 1, kvh, g, -1)
+  if shared:
     return jnp.einsum("btkgd,skd->btkgs", q, k[0], preferred_element_type=jnp.float32)
   return jnp.einsum("btkgd,bskd->btkgs", q, k, preferred_element_type=jnp.float32)
 
 
 def _weighted(p, v):
   """p [B,T,KV,G,S], v [Bk,S,KV,D] -> [B,T,KV,G,D] f32."""
-  if v.shape[0] == 1 and p.shape[0] != 1:
+  b, t, kvh, g, _ = p.shape
+  shared = v.shape[0] == 1 and b != 1
+  if t == 1:                                                   # one decode step: see _block_query
+    d = v.shape[-1]
+    pf = jnp.swapaxes(p.reshape(b, kvh * g, -1), 1, 2)         # [B,S,KV*G]
+    vf = v.reshape(v.shape[0], v.shape[1], -1)
+    o = (jnp.einsum("bsj,sc->bjc", pf, vf[0], preferred_element_type=jnp.float32) if shared else
+         jnp.einsum("bsj,bsc->bjc", pf, vf, preferred_element_type=jnp.float32))
+    o = o.reshape(b, kvh, g, kvh, d) * jnp.eye(kvh, dtype=o.dtype)[None, :, None, :, None]
+    return o.sum(3)[:, None]
+  if shared:
     return jnp.einsum("btkgs,skd->btkgd", p, v[0], preferred_element_type=jnp.float32)
   return jnp.einsum("btkgs,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
 
@@ -56,9 +82,10 @@ def attend(attn: model_lib.Attention, q, qpos, segments: list[Segment], local: b
   kvh = segments[0].k.shape[2]
   q = q.reshape(b, t, kvh, h // kvh, hd) * attn.scale()
   cap = cfg.attn_logit_softcap
+  qb = _block_query(q) if t == 1 else None
   parts = []
   for seg in segments:
-    s = _scores(q, seg.k.astype(dt))
+    s = _scores(q, seg.k.astype(dt), qb)
     if cap:
       s = cap * jnp.tanh(s / cap)
     valid = seg.valid
