@@ -257,8 +257,8 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(hd, cfg.norm_eps, pd, rngs=rngs, offset=cfg.norm_offset)
       self.k_norm = RMSNorm(hd, cfg.norm_eps, pd, rngs=rngs, offset=cfg.norm_offset)
 
-  def __call__(self, x, positions, mask, cache, cache_index, local=False):
-    """`local`: this layer is a sliding-window layer (a Python bool, or a traced bool in a scan)."""
+  def project(self, x, positions, local=False):
+    """q [B,T,H,D] (RoPE'd, not yet scaled), k and v [B,T,KV,D] of the inputs `x`."""
     cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
     q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
@@ -269,7 +269,20 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     freq = _select(local, rope_frequencies(cfg, True), rope_frequencies(cfg, False), cfg.head_dim,
                    cfg.rope_theta)
-    q, k = rope(q, positions, cfg.rope_theta, freq), rope(k, positions, cfg.rope_theta, freq)
+    return rope(q, positions, cfg.rope_theta, freq), rope(k, positions, cfg.rope_theta, freq), v
+
+  def scale(self) -> float:
+    cfg = self.cfg
+    return cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else cfg.head_dim ** -0.5
+
+  def output(self, out):
+    """[B,T,H,D] attention output -> [B,T,hidden] (o_proj)."""
+    return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(DTYPES[self.cfg.dtype]))
+
+  def __call__(self, x, positions, mask, cache, cache_index, local=False):
+    """`local`: this layer is a sliding-window layer (a Python bool, or a traced bool in a scan)."""
+    cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
+    q, k, v = self.project(x, positions, local)
     if cfg.sliding_window and local is not False:
       t_, s_ = q.shape[1], mask.shape[-1]
       near = ((cache_index + jnp.arange(t_))[:, None] - jnp.arange(s_)[None, :]) < cfg.sliding_window
@@ -278,8 +291,7 @@ class Attention(nnx.Module):
       mask = mask & near[None]
     b, t, h, hd = q.shape
     kvh = k.shape[2]
-    scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else hd ** -0.5
-    q = q.reshape(b, t, kvh, h // kvh, hd) * scale
+    q = q.reshape(b, t, kvh, h // kvh, hd) * self.scale()
     cap = cfg.attn_logit_softcap or None
     if cache is not None and t == 1:                                    # one decode step
       out = _decode_attention(q[:, 0], k[:, 0].astype(dt), v[:, 0].astype(dt), cache["k"].astype(dt),
@@ -299,7 +311,7 @@ class Attention(nnx.Module):
       scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(scores, axis=-1).astype(dt)
       out = jnp.einsum("bhts,bshd->bthd", probs, v)
-    return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), cache
+    return self.output(out), cache
 
 
 def _select(local, a, b, d: int, theta: float):
@@ -409,11 +421,7 @@ class Llama(nnx.Module):
       raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
     if remat != "none" and cache is not None:
       raise ValueError("remat is for training (no KV cache)")
-    dt = DTYPES[self.cfg.dtype]
-    x = jnp.take(self.embed[...], tokens, axis=0)
-    if self.cfg.embed_scale:      # as transformers: sqrt(hidden) rounded to the weight dtype
-      x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), jnp.float32).astype(x.dtype)
-    x = x.astype(dt)
+    x = self.embed_tokens(tokens)
     new_cache = [] if cache is not None else None
     if cache is None and remat != "none":
       # A scan over the layers (their parameters stacked: one extra copy) with a
@@ -440,6 +448,13 @@ class Llama(nnx.Module):
       if cache is not None:
         new_cache.append(c)
     return self.final_norm(x), new_cache
+
+  def embed_tokens(self, tokens):
+    """[B,T] ids -> [B,T,hidden] inputs of the first block (compute dtype)."""
+    x = jnp.take(self.embed[...], tokens, axis=0)
+    if self.cfg.embed_scale:      # as transformers: sqrt(hidden) rounded to the weight dtype
+      x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), jnp.float32).astype(x.dtype)
+    return x.astype(DTYPES[self.cfg.dtype])
 
   def logits(self, x):
     """LM head: [B,T,D] hidden states -> [B,T,V] f32 logits."""

@@ -1,0 +1,126 @@
+"""Attention over KV segments: a shared prefix, a question's own tokens, a row's own tokens.
+
+LMSI samples m paths for each of N questions that all start with the same
+few-shot block. `segment_layers` runs the model's blocks on new tokens whose
+attention reads several separately stored KV segments (the prefix's KV once
+for every row, a question's KV once for its m rows, each row's own KV) plus
+the new tokens themselves. The segments' scores are concatenated along the
+key axis and normalised by one softmax, so the result is the attention over
+the concatenated keys (the same math as one cache holding the whole row),
+with each segment stored once.
+
+A `Segment` is (k, v, valid, pos): k/v [Bk,S,KV,D] with Bk = 1 (shared by
+every row) or B; `valid` [B or 1, T or 1, S] says which keys each query may
+see; `pos` [B or 1, S] are the keys' positions (for sliding-window layers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lmsi_jax import model as model_lib
+
+NEG = float(jnp.finfo(jnp.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  pos: jax.Array
+
+
+def _block_query(q):
+  """q [B,1,KV,G,D] -> block-diagonal [B, KV*D, KV*G]: a row's keys [S, KV*D] (a free
+  reshape of the cache) times it are exactly the per-head scores, with no transpose of
+  the cache (XLA:CPU copies a [B,S,KV,D] cache to contract it per head)."""
+  b, _, kvh, g, d = q.shape
+  eye = jnp.eye(kvh, dtype=q.dtype)
+  return jnp.einsum("bkgd,kl->bldkg", q[:, 0], eye).reshape(b, kvh * d, kvh * g)
+
+
+def _scores(q, k, qb):
+  """q [B,T,KV,G,D], k [Bk,S,KV,D] -> [B,T,KV,G,S] f32 (Bk = 1 is shared by every row)."""
+  shared = k.shape[0] == 1 and q.shape[0] != 1
+  if qb is not None:                                           # one decode step
+    b, _, kvh, g, _ = q.shape
+    kf = k.reshape(k.shape[0], k.shape[1], -1)
+    s = (jnp.einsum("sc,bcj->bsj", kf[0], qb, preferred_element_type=jnp.float32) if shared else
+         jnp.einsum("bsc,bcj->bsj", kf, qb, preferred_element_type=jnp.float32))
+    return jnp.swapaxes(s, 1, 2).reshape(b, 1, kvh, g, -1)
+  if shared:
+    return jnp.einsum("btkgd,skd->btkgs", q, k[0], preferred_element_type=jnp.float32)
+  return jnp.einsum("btkgd,bskd->btkgs", q, k, preferred_element_type=jnp.float32)
+
+
+def _weighted(p, v):
+  """p [B,T,KV,G,S], v [Bk,S,KV,D] -> [B,T,KV,G,D] f32."""
+  b, t, kvh, g, _ = p.shape
+  shared = v.shape[0] == 1 and b != 1
+  if t == 1:                                                   # one decode step: see _block_query
+    d = v.shape[-1]
+    pf = jnp.swapaxes(p.reshape(b, kvh * g, -1), 1, 2)         # [B,S,KV*G]
+    vf = v.reshape(v.shape[0], v.shape[1], -1)
+    o = (jnp.einsum("bsj,sc->bjc", pf, vf[0], preferred_element_type=jnp.float32) if shared else
+         jnp.einsum("bsj,bsc->bjc", pf, vf, preferred_element_type=jnp.float32))
+    o = o.reshape(b, kvh, g, kvh, d) * jnp.eye(kvh, dtype=o.dtype)[None, :, None, :, None]
+    return o.sum(3)[:, None]
+  if shared:
+    return jnp.einsum("btkgs,skd->btkgd", p, v[0], preferred_element_type=jnp.float32)
+  return jnp.einsum("btkgs,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
+
+
+def attend(attn: model_lib.Attention, q, qpos, segments: list[Segment], local: bool):
+  """Softmax attention of q [B,T,H,D] (positions qpos [B,T]) over the concatenated segments."""
+  cfg = attn.cfg
+  dt = model_lib.DTYPES[cfg.dtype]
+  b, t, h, hd = q.shape
+  kvh = segments[0].k.shape[2]
+  q = q.reshape(b, t, kvh, h // kvh, hd) * attn.scale()
+  cap = cfg.attn_logit_softcap
+  qb = _block_query(q) if t == 1 else None
+  parts = []
+  for seg in segments:
+    s = _scores(q, seg.k.astype(dt), qb)
+    if cap:
+      s = cap * jnp.tanh(s / cap)
+    valid = seg.valid
+    if cfg.sliding_window and local:
+      near = (qpos[:, :, None] - seg.pos[:, None, :]) < cfg.sliding_window
+      valid = valid & near
+    parts.append(jnp.where(valid[:, :, None, None, :], s, NEG))
+  probs = jax.nn.softmax(jnp.concatenate(parts, -1), axis=-1).astype(dt)
+  out, start = 0.0, 0
+  for seg, s in zip(segments, parts):
+    n = s.shape[-1]
+    out = out + _weighted(probs[..., start:start + n], seg.v.astype(dt))
+    start += n
+  return attn.output(out.astype(dt).reshape(b, t, h, hd))
+
+
+def segment_layers(model: model_lib.Llama, tokens, positions, layer_segments, self_valid):
+  """Runs every block on `tokens` [B,T] at `positions` [B,T].
+
+  layer_segments(i) -> the stored segments layer i attends to; the new tokens'
+  own keys are appended as a last segment with `self_valid` [B or 1, T, T].
+  Returns (final-norm hidden [B,T,hidden], [(k, v)] per layer of the new tokens).
+  """
+  cfg = model.cfg
+  x = model.embed_tokens(tokens)
+  new_kv = []
+  for i, block in enumerate(model.layers):
+    local = cfg.is_local(i)
+    q, k, v = block.attn.project(block.attn_norm(x), positions, local)
+    segs = list(layer_segments(i)) + [Segment(k, v, self_valid, positions)]
+    h = attend(block.attn, q, positions, segs, local)
+    if block.post_norms:
+      h = block.attn_post_norm(h)
+    x = x + h
+    m = block.mlp(block.mlp_norm(x))
+    x = x + (block.mlp_post_norm(m) if block.post_norms else m)
+    new_kv.append((k, v))
+  return model.final_norm(x), new_kv

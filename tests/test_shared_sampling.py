@@ -1,0 +1,154 @@
+"""Shared-prefix decoding and refilled rows (issue 16, items 1-2).
+
+Shared (few-shot block prefilled once, each question once for its m rows) equals
+nothing shared (every row its whole prompt, the same engine), greedy and with
+fixed per-row keys; a sample is the same whatever the batch size and arrival
+order; refills never recompile.
+"""
+import numpy as np
+import pytest
+
+from lmsi_jax import batching
+from lmsi_jax import engine
+from lmsi_jax import model as model_lib
+from lmsi_jax import sampler
+
+CFG = model_lib.ModelConfig(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,
+                            num_kv_heads=2, intermediate_size=64, max_seq_len=128)
+FEWSHOT = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
+QUESTIONS = [[3, 17, 9], [5, 6, 7, 8, 9, 10, 11], [42], [1, 2, 3, 4, 5], [9, 9]]
+PROMPTS = [FEWSHOT + q for q in QUESTIONS]
+M = 3
+
+
+def _keys(n, m, seed=0):
+  return sampler.row_keys(seed, np.repeat(np.arange(n), m), np.tile(np.arange(m), n)).reshape(n, m, -1)
+
+
+def _run(lm, prompts, keys, params, **kw):
+  kw.setdefault("eos_id", -1)
+  out = batching.sample_prompts(lm, prompts, keys, params=params, **kw)
+  return ([[r.tokens.tolist() for r in rows] for rows in out],
+          [[r.logprobs for r in rows] for rows in out])
+
+
+@pytest.fixture(scope="module")
+def tiny(mesh8):
+  return model_lib.LM.init(CFG, mesh8, seed=0)
+
+
+def test_common_prefix_leaves_each_prompt_a_token():
+  assert batching.common_prefix(PROMPTS) == len(FEWSHOT)
+  assert batching.common_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+  assert batching.common_prefix([[1, 2], [3, 4]]) == 0
+
+
+@pytest.mark.parametrize("params", [
+    sampler.SamplingParams(temperature=0.0, max_decode_steps=12),
+    sampler.SamplingParams(temperature=1.0, top_k=20, max_decode_steps=12)],
+    ids=["greedy", "sampled"])
+def test_shared_equals_plain_tiny(tiny, params):
+  keys = _keys(len(PROMPTS), M)
+  st = batching.Stats()
+  shared, lp_s = _run(tiny, PROMPTS, keys, params, batch_size=8, stats=st)
+  plain, lp_p = _run(tiny, PROMPTS, keys, params, batch_size=8, share=False)
+  assert shared == plain
+  for a, b in zip(lp_s, lp_p):
+    np.testing.assert_allclose(np.concatenate(a), np.concatenate(b), atol=1e-5)
+  # The few-shot block was prefilled once; each question once for its M rows.
+  assert st.prefix_tokens == len(FEWSHOT)
+  assert st.question_tokens == sum(len(q) for q in QUESTIONS)
+  if params.temperature == 0:
+    assert all(r == rows[0] for rows in shared for r in rows)   # greedy: same path per sample
+  else:
+    assert any(len({tuple(r) for r in rows}) > 1 for rows in shared)
+
+
+def test_greedy_shared_equals_full_recompute(tiny):
+  """Greedy continuation == argmax of an uncached full forward, token by token."""
+  out, _ = _run(tiny, PROMPTS, _keys(len(PROMPTS), 1), batch_size=8,
+                params=sampler.SamplingParams(temperature=0.0, max_decode_steps=8))
+  length = 32
+  for p, rows in zip(PROMPTS, out):
+    seq = list(p)
+    for _ in range(8):
+      toks = np.zeros((1, length), np.int32)
+      toks[0, :len(seq)] = seq
+      logits, _ = tiny(toks, np.arange(length)[None], model_lib.causal_mask(length))
+      seq.append(int(np.argmax(np.asarray(logits[0, len(seq) - 1]))))
+    assert rows[0] == seq[len(p):]
+
+
+def test_refill_same_samples_whatever_batch_and_order(tiny):
+  """Rows stop at EOS at different steps and slots are refilled; every (prompt, key)
+  gives the same tokens for batch sizes 8 and 16 and for reversed prompt order."""
+  params = sampler.SamplingParams(temperature=1.5, max_decode_steps=16)
+  keys = _keys(len(PROMPTS), M, seed=3)
+  st = batching.Stats()
+  ref, _ = _run(tiny, PROMPTS, keys, params, eos_id=5, batch_size=8, stats=st)
+  lengths = [len(r) for rows in ref for r in rows]
+  assert min(lengths) < 16 and st.chunks > 1      # rows stopped early and slots were refilled
+  assert any(r[-1] == 5 for rows in ref for r in rows)
+  big, _ = _run(tiny, PROMPTS, keys, params, eos_id=5, batch_size=16)
+  assert big == ref
+  rev, _ = _run(tiny, PROMPTS[::-1], keys[::-1], params, eos_id=5, batch_size=8)
+  assert rev[::-1] == ref
+
+
+def test_refills_do_not_recompile(tiny):
+  params = sampler.SamplingParams(temperature=1.0, max_decode_steps=16)
+  kw = dict(eos_id=7, batch_size=8)
+  _run(tiny, PROMPTS, _keys(len(PROMPTS), M), params, **kw)     # compiles this bucket
+  before = engine.jit_cache_sizes()
+  st = batching.Stats()
+  # More questions and samples, other keys: many more refills, the same bucket shapes.
+  more = PROMPTS * 3
+  _run(tiny, more, _keys(len(more), M, seed=9), params, stats=st, **kw)
+  assert st.chunks >= 4
+  assert engine.jit_cache_sizes() == before
+
+
+def test_smollm2_shaped_shared_equals_plain(mesh8):
+  """SmolLM2-135M's widths, heads (9 q / 3 kv, head_dim 64) and vocab, random weights,
+  2 layers, on the 2x2x2 mesh."""
+  cfg = model_lib.preset("smollm2_135m", num_layers=2, max_seq_len=256)
+  lm = model_lib.LM.init(cfg, mesh8, seed=1)
+  rng = np.random.default_rng(0)
+  few = rng.integers(100, 49000, 40).tolist()
+  prompts = [few + rng.integers(100, 49000, n).tolist() for n in (5, 9, 3)]
+  keys = _keys(3, 2, seed=4)
+  for params in (sampler.SamplingParams(temperature=0.0, max_decode_steps=8),
+                 sampler.SamplingParams(temperature=0.7, top_k=40, max_decode_steps=8)):
+    shared, lp_s = _run(lm, prompts, keys, params, batch_size=8)
+    plain, lp_p = _run(lm, prompts, keys, params, batch_size=8, share=False)
+    assert shared == plain
+    for a, b in zip(lp_s, lp_p):
+      np.testing.assert_allclose(np.concatenate(a), np.concatenate(b), atol=1e-4)
+
+
+def test_every_model_option_shared_greedy_equals_full_forward(mesh8):
+  """Sliding-window layers past the window (over prefix, question and row segments),
+  softcaps, qk-norm, post-norms, llama3 RoPE: greedy shared decoding == full forward."""
+  import jax   # pylint: disable=g-import-not-at-top
+  cfg = model_lib.ModelConfig(
+      vocab_size=128, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+      intermediate_size=64, head_dim=8, qk_norm=True, norm_offset=1.0, post_norms=True,
+      mlp_activation="gelu_tanh", embed_scale=True, query_pre_attn_scalar=12.0,
+      attn_logit_softcap=2.0, final_logit_softcap=5.0, rope_type="llama3", rope_factor=4.0,
+      rope_original_max_len=16, rope_theta=1e5, rope_local_theta=1e3, sliding_window=3,
+      layer_types=("sliding_attention", "full_attention", "sliding_attention"), max_seq_len=64)
+  lm = model_lib.LM.init(cfg, mesh8, seed=1)
+  lm.state = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape),
+                          lm.state)
+  prompts = [[5, 9, 2, 7, 1] + q for q in ([3, 4], [8], [6, 6, 6])]
+  out, _ = _run(lm, prompts, _keys(3, 1), batch_size=8,
+                params=sampler.SamplingParams(temperature=0.0, max_decode_steps=6))
+  length = 16
+  for p, rows in zip(prompts, out):
+    seq = list(p)
+    for _ in range(6):
+      toks = np.zeros((1, length), np.int32)
+      toks[0, :len(seq)] = seq
+      logits, _ = lm(toks, np.arange(length)[None], model_lib.causal_mask(length))
+      seq.append(int(np.argmax(np.asarray(logits[0, len(seq) - 1]))))
+    assert rows[0] == seq[len(p):]
