@@ -288,17 +288,15 @@ class LmsiJaxLM(TemplateLM):
                           "the last %d", i, len(p), room)
           p = p[-room:]
         ids[i] = p
-      stops = sampler.stop_token_sequences(self.vocab, until)
       order = sorted(idx, key=lambda i: -len(ids[i]))
       for start in range(0, len(order), self._batch_size):
         chunk = order[start:start + self._batch_size]
         keys = sampler.row_keys(self.seed, np.array(chunk), np.zeros(len(chunk), np.int64))
-        res = sampler.decode_batch(self.lm, [ids[i] for i in chunk], keys, params=params,
-                                   eos_id=self.vocab.eos_id, pad_id=0,
-                                   vocab_limit=self.vocab.vocab_size, stop_sequences=stops,
+        res = sampler.generate_ids(self.lm, self.vocab, [ids[i] for i in chunk], keys,
+                                   params=params, stop_strings=until,
                                    batch_size=self._batch_size)
-        for r, i in enumerate(chunk):
-          text = sampler._to_sample(self.vocab, res, r, until).text  # pylint: disable=protected-access
+        for s, i in zip(res, chunk):
+          text = s.text
           out[i] = text
           self.cache_hook.add_partial("generate_until", args[i], text)
     return out

@@ -48,6 +48,18 @@ def decode_batch(lm: model_lib.LM, prompts: Sequence[Sequence[int]], keys: np.nd
   return _stack([r[0] for r in out], params.max_decode_steps, pad_id)
 
 
+def generate_ids(lm: model_lib.LM, vocab, prompts: Sequence[Sequence[int]], keys: np.ndarray, *,
+                 params: SamplingParams, stop_strings: Sequence[str] = (),
+                 batch_size: int | None = None) -> list[Sample]:
+  """One sample per token-id prompt, prompt i with raw key data `keys[i]` (lm-eval's
+  `generate_until`): stop strings end the text as in `generate`."""
+  out = batching.sample_prompts(lm, prompts, np.asarray(keys)[:, None], params=params,
+                                eos_id=vocab.eos_id, pad_id=0, vocab_limit=vocab.vocab_size,
+                                stop_sequences=stop_token_sequences(vocab, stop_strings),
+                                batch_size=batch_size or len(prompts))
+  return [_to_sample(vocab, r[0], stop_strings) for r in out]
+
+
 def _stack(rows: Sequence[batching.Row], n: int, pad_id: int) -> dict[str, np.ndarray]:
   tokens = np.full((len(rows), n), pad_id, np.int32)
   logprobs = np.zeros((len(rows), n), np.float32)
