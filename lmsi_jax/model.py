@@ -17,7 +17,8 @@ a Python bool in the unrolled loop and a scanned bool in the remat scan, so
 the scan over stacked layers works for mixed layers. A sliding layer masks
 keys whose slot is `sliding_window` or more before the query's slot (slots
 and positions differ by a constant per row, also with left padding).
-Every parameter carries logical axis names;
+The options and presets live in `model_config.py`, RoPE in `rope.py` (both re-exported
+here). Every parameter carries logical axis names;
 `sharding.RULES` maps them to the mesh. Parameters are created already
 sharded (`init_sharded`: jit of the constructor with out_shardings).
 
@@ -35,132 +36,24 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from lmsi_jax import sharding
+from lmsi_jax.model_config import (ACTIVATIONS, DTYPES, LAYER_TYPES, PRESETS,  # noqa: F401
+                                   ROPE_TYPES, ModelConfig, preset)
+from lmsi_jax.rope import base_frequencies, rope, rope_frequencies  # noqa: F401
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Per-block rematerialisation (MaxText's `remat_policy`): what the backward pass keeps of
 # each block's forward. "none": everything (fastest, most memory); "full": only the block
 # input, the block is recomputed; "dots": the weight matmuls' outputs (no batch dims), so
 # the [T,T] attention scores and elementwise ops are recomputed.
 REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-
-
-LAYER_TYPES = ("full_attention", "sliding_attention")
-ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
-ROPE_TYPES = ("default", "llama3", "linear")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Architecture. `vocab_size` is the padded embedding size (multiple of 128)."""
-  vocab_size: int
-  hidden_size: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  intermediate_size: int
-  head_dim: int = 0                 # 0 -> hidden_size // num_heads
-  rope_theta: float = 10_000.0
-  norm_eps: float = 1e-5
-  tie_embeddings: bool = True
-  qkv_bias: bool = False
-  max_seq_len: int = 2048
-  param_dtype: str = "float32"
-  dtype: str = "float32"            # compute dtype
-  # Architecture options (defaults: the Llama path, unchanged).
-  qk_norm: bool = False             # RMSNorm over head_dim of q and k before RoPE (Qwen3, Gemma 3)
-  norm_offset: float = 0.0          # RMSNorm multiplies by (norm_offset + w): Gemma's 1 + w
-  post_norms: bool = False          # RMSNorm on the attention and MLP outputs too (Gemma 2/3)
-  mlp_activation: str = "silu"      # gate activation: "silu" (SwiGLU) | "gelu_tanh" (GeGLU)
-  embed_scale: bool = False         # embeddings times sqrt(hidden_size) (Gemma)
-  query_pre_attn_scalar: float = 0.0  # scores scaled by this**-0.5 (0 -> head_dim**-0.5)
-  attn_logit_softcap: float = 0.0   # cap * tanh(scores / cap) (0 -> off)
-  final_logit_softcap: float = 0.0  # cap * tanh(logits / cap) (0 -> off)
-  rope_type: str = "default"        # "default" | "llama3" | "linear" (global layers)
-  rope_factor: float = 1.0
-  rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_len: int = 8192
-  sliding_window: int = 0           # window of "sliding_attention" layers (0 -> none)
-  layer_types: tuple[str, ...] = ()  # per layer: "full_attention" | "sliding_attention"; () -> all full
-  rope_local_theta: float = 0.0     # RoPE base of sliding layers (0 -> rope_theta), default RoPE
-  # Per-frequency divisors of the global layers' inverse frequencies ([head_dim/2]; () -> none):
-  # llama.cpp's rope_freqs.weight, how a GGUF stores Llama 3.1+ `llama3` scaling.
-  rope_freq_factors: tuple[float, ...] = ()
-
-  def __post_init__(self):
-    if self.head_dim == 0:
-      object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-    object.__setattr__(self, "layer_types", tuple(self.layer_types))
-    object.__setattr__(self, "rope_freq_factors", tuple(float(f) for f in self.rope_freq_factors))
-    if self.rope_freq_factors and len(self.rope_freq_factors) != self.head_dim // 2:
-      raise ValueError(f"model.rope_freq_factors has {len(self.rope_freq_factors)} entries; "
-                       f"expected head_dim/2 = {self.head_dim // 2}")
-    if self.layer_types and len(self.layer_types) != self.num_layers:
-      raise ValueError(f"model.layer_types has {len(self.layer_types)} entries for "
-                       f"model.num_layers={self.num_layers}")
-    bad = set(self.layer_types) - set(LAYER_TYPES)
-    if bad:
-      raise ValueError(f"model.layer_types: unknown {sorted(bad)} (expected {list(LAYER_TYPES)})")
-    if "sliding_attention" in self.layer_types and self.sliding_window <= 0:
-      raise ValueError("model.layer_types has sliding_attention layers but model.sliding_window is 0")
-    if self.mlp_activation not in ACTIVATIONS:
-      raise ValueError(f"model.mlp_activation={self.mlp_activation!r}: expected one of "
-                       f"{sorted(ACTIVATIONS)}")
-    if self.rope_type not in ROPE_TYPES:
-      raise ValueError(f"model.rope_type={self.rope_type!r}: expected one of {list(ROPE_TYPES)}")
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"model.num_heads={self.num_heads} must be a multiple of "
-                       f"model.num_kv_heads={self.num_kv_heads}")
-    for k in ("param_dtype", "dtype"):
-      if getattr(self, k) not in DTYPES:
-        raise ValueError(f"model.{k}={getattr(self, k)!r}: expected one of {sorted(DTYPES)}")
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dict(d).items() if k in names})
-
-  def is_local(self, i: int) -> bool:
-    """Whether layer `i` is a sliding-window layer."""
-    return bool(self.layer_types) and self.layer_types[i] == "sliding_attention"
-
-  def num_params(self) -> int:
-    d, f, l = self.hidden_size, self.intermediate_size, self.num_layers
-    attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-    per_layer = attn + 3 * d * f + 2 * d
-    per_layer += 2 * self.head_dim * self.qk_norm + 2 * d * self.post_norms
-    head = 0 if self.tie_embeddings else self.vocab_size * d
-    return l * per_layer + self.vocab_size * d + head + d
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # CPU demo size: ~100k parameters over a byte vocabulary (259 -> 384).
-    "tiny": dict(vocab_size=384, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                 intermediate_size=192, rope_theta=10_000.0, max_seq_len=512),
-    # The demo's weak-to-strong student: ~0.84M parameters, twice as deep, twice as wide.
-    "small": dict(vocab_size=384, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                  intermediate_size=384, rope_theta=10_000.0, max_seq_len=512),
-    "smollm2_135m": dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
-                         num_kv_heads=3, intermediate_size=1536, rope_theta=100_000.0,
-                         norm_eps=1e-5, tie_embeddings=True, max_seq_len=8192),
-}
-
-
-def preset(name: str, **overrides) -> ModelConfig:
-  if name not in PRESETS:
-    raise ValueError(f"model.preset={name!r}: expected one of {sorted(PRESETS)}")
-  return ModelConfig(**{**PRESETS[name], **overrides})
 
 
 _init = nnx.initializers.normal(0.02)
@@ -187,55 +80,6 @@ class RMSNorm(nnx.Module):
     if self.offset:
       scale = self.offset + scale
     return (y * scale).astype(x.dtype)
-
-
-def rope_frequencies(cfg: ModelConfig, local: bool) -> np.ndarray | None:
-  """Inverse frequencies [head_dim/2] of a scaled or local RoPE; None for the default one.
-
-  Computed in float32 with transformers' formulas (`_compute_llama3_parameters`,
-  `_compute_linear_scaling_rope_parameters`)."""
-  d = cfg.head_dim
-  if local:
-    if not cfg.rope_local_theta or cfg.rope_local_theta == cfg.rope_theta:
-      return None if cfg.rope_type == "default" else _base_freq(cfg.rope_theta, d)
-    return _base_freq(cfg.rope_local_theta, d)
-  if cfg.rope_freq_factors:
-    scaled = dataclasses.replace(cfg, rope_freq_factors=())
-    inv = rope_frequencies(scaled, False)
-    inv = _base_freq(cfg.rope_theta, d) if inv is None else inv
-    return (inv / np.asarray(cfg.rope_freq_factors, np.float32)).astype(np.float32)
-  if cfg.rope_type == "default":
-    return None
-  inv = _base_freq(cfg.rope_theta, d)
-  f = np.float32(cfg.rope_factor)
-  if cfg.rope_type == "linear":
-    return inv / f
-  old = cfg.rope_original_max_len
-  low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-  wavelen = np.float32(2 * math.pi) / inv
-  out = np.where(wavelen > old / low, inv / f, inv)
-  smooth = ((old / wavelen - low) / (high - low)).astype(np.float32)
-  smoothed = (1 - smooth) * out / f + smooth * out
-  medium = ~(wavelen < old / high) & ~(wavelen > old / low)
-  return np.where(medium, smoothed, out).astype(np.float32)
-
-
-def _base_freq(theta: float, d: int) -> np.ndarray:
-  exps = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
-  return (np.float32(1.0) / np.power(np.float32(theta), exps)).astype(np.float32)
-
-
-def rope(x, positions, theta: float, freq=None):
-  """Rotary embedding, half-split (HF Llama `rotate_half`) layout. x: [B,T,H,D].
-
-  `freq` [D/2] overrides the inverse frequencies `theta**(-2i/D)` (scaled RoPE)."""
-  d = x.shape[-1]
-  if freq is None:
-    freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  ang = positions.astype(jnp.float32)[..., None] * freq            # [B,T,D/2]
-  cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -321,7 +165,7 @@ def _select(local, a, b, d: int, theta: float):
     return a if local else b
   if a is None and b is None:
     return None
-  base = _base_freq(theta, d)
+  base = base_frequencies(theta, d)
   return jnp.where(local, base if a is None else a, base if b is None else b)
 
 
