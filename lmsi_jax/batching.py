@@ -129,8 +129,7 @@ def _decode(lm, prompts, keys, lp, params, eos_id, pad_id, vocab_limit, stop_seq
     _COMPILED.add(key)
     logging.info("sampler: compiling batch=%d prefix=%d question=%d table=%d (%d so far)",
                  b, spec.prefix_len, spec.question_len, spec.table, len(_COMPILED))
-  cpu = lm.mesh.devices.flat[0].platform == "cpu"
-  run_chunk = engine.JITS["chunk_cpu" if cpu else "chunk"]
+  run_chunk = engine.chunk_program(lm.mesh.devices.flat[0].platform)
   rep, bs1, bs2 = (sharding.replicated(lm.mesh), sharding.batch_sharding(lm.mesh, 1),
                    sharding.batch_sharding(lm.mesh, 2))
   stats = stats if stats is not None else Stats()

@@ -246,18 +246,27 @@ def decode_chunk(graphdef, state, prefix: Prefix, table: Table, rows: Rows, refi
   return jax.lax.while_loop(cond, body, (jnp.array(0, jnp.int32), rows))[1]
 
 
-_CPU_OPTS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+# XLA options of the decode loop per platform: data, not a second program. XLA:CPU's default
+# copy insertion cannot prove that a step's reads of the row KV precede its in-place update
+# inside the while loop and copies the cache every step; the region analysis drops the copies.
+COMPILER_OPTIONS = {"cpu": {"xla_cpu_copy_insertion_use_region_analysis": True}}
 JITS = {
     "prefix": jax.jit(prefill_prefix, static_argnums=(0,), static_argnames=("spec",)),
     "questions": jax.jit(prefill_questions, static_argnums=(0,), static_argnames=("spec",),
                          donate_argnames=("table",)),
-    "chunk": jax.jit(decode_chunk, static_argnums=(0,), static_argnames=("spec",),
-                     donate_argnames=("rows",)),
-    "chunk_cpu": jax.jit(decode_chunk, static_argnums=(0,), static_argnames=("spec",),
-                         donate_argnames=("rows",), compiler_options=_CPU_OPTS),
     "table": jax.jit(empty_table, static_argnums=(0,), static_argnames=("spec",)),
     "rows": jax.jit(empty_rows, static_argnums=(0, 1), static_argnames=("spec",)),
 }
+
+
+def chunk_program(platform: str):
+  """`decode_chunk`, jitted once per platform with that platform's COMPILER_OPTIONS."""
+  name = f"chunk[{platform}]"
+  if name not in JITS:
+    JITS[name] = jax.jit(decode_chunk, static_argnums=(0,), static_argnames=("spec",),
+                         donate_argnames=("rows",),
+                         compiler_options=COMPILER_OPTIONS.get(platform))
+  return JITS[name]
 
 
 def jit_cache_sizes() -> dict[str, int]:
