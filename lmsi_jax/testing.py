@@ -72,3 +72,22 @@ class ScriptedSampler:
     if progress is not None:
       progress(sum(len(r) for r in out))
     return out
+
+
+def all_options_lm(mesh, seed: int = 1):
+  """A 3-layer model with every `ModelConfig` option on at once (sliding-window and global
+  layers, softcaps, q/k norm, post-norms, GeGLU, llama3 RoPE), its weights perturbed so that
+  no option is a no-op: the model of the decode-vs-full-forward parity tests."""
+  import jax  # pylint: disable=g-import-not-at-top  (this module imports no JAX otherwise)
+  from lmsi_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  cfg = model_lib.ModelConfig(
+      vocab_size=128, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+      intermediate_size=64, head_dim=8, qk_norm=True, norm_offset=1.0, post_norms=True,
+      mlp_activation="gelu_tanh", embed_scale=True, query_pre_attn_scalar=12.0,
+      attn_logit_softcap=2.0, final_logit_softcap=5.0, rope_type="llama3", rope_factor=4.0,
+      rope_original_max_len=16, rope_theta=1e5, rope_local_theta=1e3, sliding_window=3,
+      layer_types=("sliding_attention", "full_attention", "sliding_attention"), max_seq_len=64)
+  lm = model_lib.LM.init(cfg, mesh, seed=seed)
+  lm.state = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape),
+                          lm.state)
+  return lm

@@ -20,6 +20,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 
 from lmsi_jax import model as model_lib
 from lmsi_jax import sampler
+from lmsi_jax import testing
 from lmsi_jax.interop import export_hf, load_checkpoint
 from lmsi_jax.interop import gguf as gguf_ckpt
 from lmsi_jax.interop import tokenizer as tok_lib
@@ -373,15 +374,7 @@ def test_gguf(family_dir, mesh8, tmp_path):
 def test_all_options_decode_matches_full_forward(mesh8):
   """Every option at once (incl. the attention softcap no imported family uses): KV-cache
   decoding, one token at a time past the window, gives the full forward's logits."""
-  cfg = model_lib.ModelConfig(
-      vocab_size=128, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
-      intermediate_size=64, head_dim=8, qk_norm=True, norm_offset=1.0, post_norms=True,
-      mlp_activation="gelu_tanh", embed_scale=True, query_pre_attn_scalar=12.0,
-      attn_logit_softcap=2.0, final_logit_softcap=5.0, rope_type="llama3", rope_factor=4.0,
-      rope_original_max_len=16, rope_theta=1e5, rope_local_theta=1e3, sliding_window=3,
-      layer_types=("sliding_attention", "full_attention", "sliding_attention"), max_seq_len=64)
-  lm = model_lib.LM.init(cfg, mesh8, seed=1)
-  lm.state = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape), lm.state)
+  lm = testing.all_options_lm(mesh8)
   b, t, p = 2, 10, 4
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 128, (b, t)), jnp.int32)
   pos = jnp.broadcast_to(jnp.arange(t), (b, t))

@@ -12,6 +12,7 @@ from lmsi_jax import batching
 from lmsi_jax import engine
 from lmsi_jax import model as model_lib
 from lmsi_jax import sampler
+from lmsi_jax import testing
 
 CFG = model_lib.ModelConfig(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,
                             num_kv_heads=2, intermediate_size=64, max_seq_len=128)
@@ -129,17 +130,7 @@ def test_smollm2_shaped_shared_equals_plain(mesh8):
 def test_every_model_option_shared_greedy_equals_full_forward(mesh8):
   """Sliding-window layers past the window (over prefix, question and row segments),
   softcaps, qk-norm, post-norms, llama3 RoPE: greedy shared decoding == full forward."""
-  import jax   # pylint: disable=g-import-not-at-top
-  cfg = model_lib.ModelConfig(
-      vocab_size=128, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
-      intermediate_size=64, head_dim=8, qk_norm=True, norm_offset=1.0, post_norms=True,
-      mlp_activation="gelu_tanh", embed_scale=True, query_pre_attn_scalar=12.0,
-      attn_logit_softcap=2.0, final_logit_softcap=5.0, rope_type="llama3", rope_factor=4.0,
-      rope_original_max_len=16, rope_theta=1e5, rope_local_theta=1e3, sliding_window=3,
-      layer_types=("sliding_attention", "full_attention", "sliding_attention"), max_seq_len=64)
-  lm = model_lib.LM.init(cfg, mesh8, seed=1)
-  lm.state = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape),
-                          lm.state)
+  lm = testing.all_options_lm(mesh8)
   prompts = [[5, 9, 2, 7, 1] + q for q in ([3, 4], [8], [6, 6, 6])]
   out, _ = _run(lm, prompts, _keys(3, 1), batch_size=8,
                 params=sampler.SamplingParams(temperature=0.0, max_decode_steps=6))
