@@ -96,7 +96,20 @@ def preemptible():
       _Signals.received = 0
 
 
-def _stop_requested() -> int:
+@contextlib.contextmanager
+def deferred_stop():
+  """A loop that can save mid-way (training, vote_rl): inside, SIGTERM/SIGINT only record
+  the signal; the loop polls `stop_requested()` at a point where it can save, saves its
+  current step, then raises `Preempted`."""
+  with preemptible():
+    _Signals.training += 1
+    try:
+      yield
+    finally:
+      _Signals.training -= 1
+
+
+def stop_requested() -> int:
   """The signal to stop on (0: none), agreed by every process (one allgather per step when
   there are several: a host that saved alone would leave the others in a collective)."""
   sig = _Signals.received
@@ -365,16 +378,14 @@ def train(lm: model_lib.LM, batches: Iterable[Batch], tcfg: TrainConfig, workdir
                        i + 1, tcfg.num_steps, m["loss"], m["learning_rate"], m["grad_norm"], rate)
           bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
 
-    stack.enter_context(preemptible())
-    _Signals.training += 1
-    stack.callback(lambda: setattr(_Signals, "training", _Signals.training - 1))
+    stack.enter_context(deferred_stop())
     for i in range(start, tcfg.num_steps):
       batch = step_fn.put_batch(next(batches))
       params, opt_state, metrics = step_fn(params, opt_state, batch, i, frozen)
       pending.append((i, metrics))
       check(i - 1)  # one step behind: the host prepares the next batch while this one runs
       s = i + 1
-      stop = _stop_requested()
+      stop = stop_requested()
       if s % tcfg.checkpoint_every == 0 or s == tcfg.num_steps or stop:
         check(i)    # never save a state whose loss was not finite
         if not ckpt.save(s, params, opt_state, _data_state(batches), {**meta, "step": s}):

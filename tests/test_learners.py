@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import pytest
 from lmsi_jax import model as model_lib
 from lmsi_jax import pseudo_labels as pl
 from lmsi_jax import testing
+from lmsi_jax import train as train_lib
 from lmsi_jax.data import vocab as vocab_lib
 from lmsi_jax.learners import objectives
 from lmsi_jax.learners import rows as rows_lib
@@ -246,26 +248,29 @@ class Killed(Exception):
   pass
 
 
-def _script(kill_at=None):
-  """Varied answers per (seed, prompt, sample); raises Killed on call number `kill_at`."""
+def _script(kill_at=None, sigterm_at=None):
+  """Varied answers per (seed, prompt, sample); raises Killed on call number `kill_at`;
+  sends this process SIGTERM during call number `sigterm_at` (as a TPU VM's preemption)."""
   n = {"calls": 0}
 
   def script(prompts, settings, seed):
     n["calls"] += 1
     if kill_at is not None and n["calls"] == kill_at:
       raise Killed()
+    if sigterm_at is not None and n["calls"] == sigterm_at:
+      os.kill(os.getpid(), signal.SIGTERM)
     return [[_sample(f"1 + 2 = 3. The answer is {(seed + i + j * j) % 3}.", seed + j)
              for j in range(settings.num_samples)] for i in range(len(prompts))]
   return script
 
 
-def _ctx(demo_config, workdir, kill_at=None):
+def _ctx(demo_config, workdir, kill_at=None, sigterm_at=None):
   from lmsi_jax import context as context_lib
   cfg = demo_config("smoke", {"guard.probe_n": 0, "train.num_steps": 4, "train.batch_size": 16,
                               "train.checkpoint_every": 2, "train.learning_rate": 1e-2,
                               "vote_rl.questions_per_step": 4, "vote_rl.samples_per_question": 4,
                               "vote_rl.steps_per_round": 4, "vote_rl.kl_coef": 0.1})
-  fake = testing.ScriptedSampler(_script(kill_at))
+  fake = testing.ScriptedSampler(_script(kill_at, sigterm_at))
   return context_lib.build_context(cfg, str(workdir), sampler=fake), fake
 
 
@@ -302,6 +307,21 @@ def test_vote_rl_resumes_after_a_kill_from_its_last_checkpoint(demo_config, tmp_
   again, _ = vote_rl.train_round(ctx3, ctx3.base_lm, ctx3.base_lm, 1, qs, out(ctx3))
   assert not fake3.calls
   for a, b in zip(_leaves(again), _leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+  # SIGTERM while batch 0 samples: that batch is trained, saved (update 1, between the
+  # periodic saves at 2 and 4), then one Preempted line; the rerun resumes at batch 1
+  ctx4, _ = _ctx(demo_config, tmp_path / "term", sigterm_at=1)
+  with train_lib.preemptible():
+    with pytest.raises(train_lib.Preempted) as e:
+      vote_rl.train_round(ctx4, ctx4.base_lm, ctx4.base_lm, 1, qs, out(ctx4))
+  assert str(e.value).startswith("preempted by SIGTERM: round 1 vote_rl saved a checkpoint at "
+                                 "update 1 of 4 in ")
+  assert sorted(os.listdir(os.path.join(out(ctx4), "checkpoints"))) == ["1"]
+  ctx5, fake5 = _ctx(demo_config, tmp_path / "term")
+  got5, _ = vote_rl.train_round(ctx5, ctx5.base_lm, ctx5.base_lm, 1, qs, out(ctx5))
+  assert [c.seed for c in fake5.calls] == [c.seed for c in ref_fake.calls[1:]]
+  for a, b in zip(_leaves(got5), _leaves(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 
 import jax
 import numpy as np
@@ -181,37 +182,45 @@ def train_round(ctx: RunContext, lm, ref_lm, r: int, questions,
     else:
       params, opt_state = got["params"], got["opt_state"]
       logging.info("round %d vote_rl: resumed from update %d of %d", r, start, total)
-    for k in range(start // s.updates_per_batch, s.steps_per_round):
-      cur = dataclasses.replace(lm, state=params)            # the trainer's own weights
-      idx = _order(ctx, r, len(questions), s, k)
-      qs = [{"id": questions[i]["id"], "question": questions[i]["question"]} for i in idx]
-      batch, recs, cut = rollout(ctx.sampler_for(cur), ctx.vocab, qs, ctx.prompts(qs), sampling,
-                                 ctx.vote_settings, seed=seeds.stream(c.seed, "vote_rl", r, k),
-                                 std_normalize=s.std_normalize, seq_len=seq_len)
-      if cut:
-        logging.warning("round %d vote_rl batch %d: %d path(s) truncated to %d tokens", r, k,
-                        cut, seq_len)
-      if s.kl_coef:
-        batch["ref_logprobs"] = rows_lib.token_logprobs(ref_lm, batch, ctx.vocab.vocab_size,
-                                                        s.batch_rows)
-      recs = score(recs, [questions[i] for i in idx], ctx.vote_settings.answer_type)
-      if distributed.is_main_process():
-        jsonl.write_jsonl_atomic(os.path.join(roll_dir, f"batch_{k:05d}.jsonl"), recs)
-      for u in range(s.updates_per_batch):
-        i = k * s.updates_per_batch + u
-        params, opt_state, m = step_fn(params, opt_state, batch, i)
-      m = {kk: float(v) for kk, v in jax.device_get(m).items()}
-      if not all(np.isfinite(m[x]) for x in ("loss", "grad_norm")):
-        raise FloatingPointError(f"round {r} vote_rl batch {k}: non-finite loss {m['loss']}")
-      logging.info("round %d vote_rl batch %d/%d: reward=%.3f label_acc=%s loss=%.4f "
-                   "clip_frac=%.3f", r, k + 1, s.steps_per_round,
-                   np.mean([x for q in recs for x in q["rewards"]]),
-                   _mean([q["correct"] for q in recs]), m["loss"], m["clip_frac"])
-      done_upd = (k + 1) * s.updates_per_batch
-      if (k + 1) % every == 0 or done_upd == total:
-        if not ckpt.save(done_upd, params, opt_state, {"batch": k + 1},
-                         {**meta, "step": done_upd}):
-          raise RuntimeError(f"round {r} vote_rl: checkpoint save for update {done_upd} refused")
+    with train_lib.deferred_stop():   # SIGTERM/SIGINT: save after this batch, then stop
+      for k in range(start // s.updates_per_batch, s.steps_per_round):
+        cur = dataclasses.replace(lm, state=params)            # the trainer's own weights
+        idx = _order(ctx, r, len(questions), s, k)
+        qs = [{"id": questions[i]["id"], "question": questions[i]["question"]} for i in idx]
+        batch, recs, cut = rollout(ctx.sampler_for(cur), ctx.vocab, qs, ctx.prompts(qs), sampling,
+                                   ctx.vote_settings, seed=seeds.stream(c.seed, "vote_rl", r, k),
+                                   std_normalize=s.std_normalize, seq_len=seq_len)
+        if cut:
+          logging.warning("round %d vote_rl batch %d: %d path(s) truncated to %d tokens", r, k,
+                          cut, seq_len)
+        if s.kl_coef:
+          batch["ref_logprobs"] = rows_lib.token_logprobs(ref_lm, batch, ctx.vocab.vocab_size,
+                                                          s.batch_rows)
+        recs = score(recs, [questions[i] for i in idx], ctx.vote_settings.answer_type)
+        if distributed.is_main_process():
+          jsonl.write_jsonl_atomic(os.path.join(roll_dir, f"batch_{k:05d}.jsonl"), recs)
+        for u in range(s.updates_per_batch):
+          i = k * s.updates_per_batch + u
+          params, opt_state, m = step_fn(params, opt_state, batch, i)
+        m = {kk: float(v) for kk, v in jax.device_get(m).items()}
+        if not all(np.isfinite(m[x]) for x in ("loss", "grad_norm")):
+          raise FloatingPointError(f"round {r} vote_rl batch {k}: non-finite loss {m['loss']}")
+        logging.info("round %d vote_rl batch %d/%d: reward=%.3f label_acc=%s loss=%.4f "
+                     "clip_frac=%.3f", r, k + 1, s.steps_per_round,
+                     np.mean([x for q in recs for x in q["rewards"]]),
+                     _mean([q["correct"] for q in recs]), m["loss"], m["clip_frac"])
+        done_upd = (k + 1) * s.updates_per_batch
+        stop = train_lib.stop_requested()
+        if (k + 1) % every == 0 or done_upd == total or stop:
+          if not ckpt.save(done_upd, params, opt_state, {"batch": k + 1},
+                           {**meta, "step": done_upd}):
+            raise RuntimeError(f"round {r} vote_rl: checkpoint save for update {done_upd} refused")
+        if stop:
+          ckpt.wait()
+          raise train_lib.Preempted(stop, f"preempted by {signal.Signals(stop).name}: round {r} "
+                                          f"vote_rl saved a checkpoint at update {done_upd} of "
+                                          f"{total} in {ckpt.directory}; rerun the same command "
+                                          "to resume")
   new = dataclasses.replace(lm, state=params)
   summary = _summary(ctx, roll_dir, s)
   if not st.done:
