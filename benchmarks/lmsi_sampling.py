@@ -178,6 +178,8 @@ def bench_hf(args, path, texts) -> dict:
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--questions", type=int, default=4, help="GSM8K test questions (ours, plain)")
+  ap.add_argument("--ours_questions", type=int, default=-1,
+                  help="questions for the shared run (-1: the same as --questions; 0: skip)")
   ap.add_argument("--plain_questions", type=int, default=-1,
                   help="questions for the plain run (-1: the same as --questions; 0: skip)")
   ap.add_argument("--hf_questions", type=int, default=-1,
@@ -194,6 +196,8 @@ def main():
     args.hf_questions = args.questions
   if args.plain_questions < 0:
     args.plain_questions = args.questions
+  if args.ours_questions < 0:
+    args.ours_questions = args.questions
 
   import jax
   from lmsi_jax import loading, sharding
@@ -205,12 +209,12 @@ def main():
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   lm, vocab = loading.load_any(path, mesh, dtype="float32", max_seq_len=2048)
   texts = prompts(questions(args.data_dir, args.questions))
-  res = {"questions": args.questions, "plain_questions": args.plain_questions,
+  res = {"questions": args.ours_questions, "plain_questions": args.plain_questions,
          "hf_questions": args.hf_questions, "samples": args.samples,
          "max_steps": args.max_steps, "batch": args.batch, "temperature": args.temperature,
          "top_k": args.top_k, "checkpoint": os.path.basename(path), "cpu": common.cpu_model(),
          "nproc": os.cpu_count(), "jax": jax.__version__}
-  arms = (("ours", True, args.questions), ("plain", False, args.plain_questions))
+  arms = (("ours", True, args.ours_questions), ("plain", False, args.plain_questions))
   for name, share, n in arms:
     if not n:
       continue
@@ -225,12 +229,13 @@ def main():
           f"parse {r['parse_rate']:.2f}, prefill {r['prefill_share']:.0%} ({r['wall_s']:.1f} s)",
           flush=True)
     res.update({f"hf_{k}": v for k, v in r.items()})
-    res["ratio"] = res["ours_tokens_per_s"] / res["hf_tokens_per_s"]
+    if "ours_tokens_per_s" in res:
+      res["ratio"] = res["ours_tokens_per_s"] / res["hf_tokens_per_s"]
     if "plain_tokens_per_s" in res:
       res["plain_ratio"] = res["plain_tokens_per_s"] / res["hf_tokens_per_s"]
-  if "plain_tokens_per_s" in res:
+  if "plain_tokens_per_s" in res and "ours_tokens_per_s" in res:
     res["shared_over_plain"] = res["ours_tokens_per_s"] / res["plain_tokens_per_s"]
-  res["parse_rate"] = res["ours_parse_rate"]
+  res["parse_rate"] = res.get("ours_parse_rate")
   print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}))
 
 
