@@ -152,15 +152,16 @@ def bench_hf(args, path, texts) -> dict:
     pre += first.t - t0
     for row in out[:, ids.shape[1]:].tolist():
       n_rows += 1
-      text = tok.decode(row, skip_special_tokens=False)
-      # Tokens up to and including the stop: the first EOS, or the shortest prefix whose
-      # text holds the stop string (generate pads rows that finished before the longest).
+      # Tokens up to and including the stop: the shortest prefix whose text holds the stop
+      # string, else the first EOS. (generate pads a row that finished before the longest
+      # with pad = EOS here, so a stop-string row is followed by EOS padding.)
       n = len(row)
-      if eos in row:
-        n, reason = row.index(eos) + 1, "eos"
-      elif STOP in text:
-        n = next(k for k in range(1, len(row) + 1) if STOP in tok.decode(row[:k]))
+      k_eos = row.index(eos) + 1 if eos in row else n
+      if STOP in tok.decode(row[:k_eos]):
+        n = next(k for k in range(1, k_eos + 1) if STOP in tok.decode(row[:k]))
         reason = "stop"
+      elif eos in row:
+        n, reason = k_eos, "eos"
       else:
         reason = "length"
       stops[reason] += 1
@@ -209,7 +210,8 @@ def main():
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   lm, vocab = loading.load_any(path, mesh, dtype="float32", max_seq_len=2048)
   texts = prompts(questions(args.data_dir, args.questions))
-  res = {"questions": args.ours_questions, "plain_questions": args.plain_questions,
+  res = {"questions": args.questions, "ours_questions": args.ours_questions,
+         "plain_questions": args.plain_questions,
          "hf_questions": args.hf_questions, "samples": args.samples,
          "max_steps": args.max_steps, "batch": args.batch, "temperature": args.temperature,
          "top_k": args.top_k, "checkpoint": os.path.basename(path), "cpu": common.cpu_model(),
