@@ -27,7 +27,8 @@ Importable without TensorFlow/SeqIO (every lmsi_jax/transformers import is
 inside a function); running it needs the project's checkpoint loader, whose
 tokenizer wrapper is a seqio vocabulary.
 
-  python benchmarks/lmsi_sampling.py                                   # 4 questions x 16
+  python benchmarks/lmsi_sampling.py                                   # 2 questions x 16
+  python benchmarks/lmsi_sampling.py --plain_questions 0               # ours vs HF only (~7 min)
   python benchmarks/lmsi_sampling.py --questions 16 --hf_questions 16  # more questions
   python benchmarks/lmsi_sampling.py --questions 1 --samples 4 --max_steps 32 --plain_questions 0 --hf_questions 0
 """
@@ -178,7 +179,7 @@ def bench_hf(args, path, texts) -> dict:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--questions", type=int, default=4, help="GSM8K test questions (ours, plain)")
+  ap.add_argument("--questions", type=int, default=2, help="GSM8K test questions (every arm)")
   ap.add_argument("--ours_questions", type=int, default=-1,
                   help="questions for the shared run (-1: the same as --questions; 0: skip)")
   ap.add_argument("--plain_questions", type=int, default=-1,
