@@ -28,7 +28,7 @@ inside a function); running it needs the project's checkpoint loader, whose
 tokenizer wrapper is a seqio vocabulary.
 
   python benchmarks/lmsi_sampling.py                                   # 2 questions x 16
-  python benchmarks/lmsi_sampling.py --plain_questions 0               # ours vs HF only (~7 min)
+  python benchmarks/lmsi_sampling.py --plain_questions 0               # ours vs HF only (~8.5 min)
   python benchmarks/lmsi_sampling.py --questions 16 --hf_questions 16  # more questions
   python benchmarks/lmsi_sampling.py --questions 1 --samples 4 --max_steps 32 --plain_questions 0 --hf_questions 0
 """
