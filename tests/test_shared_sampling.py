@@ -143,3 +143,23 @@ def test_every_model_option_shared_greedy_equals_full_forward(mesh8):
       logits, _ = lm(toks, np.arange(length)[None], model_lib.causal_mask(length))
       seq.append(int(np.argmax(np.asarray(logits[0, len(seq) - 1]))))
     assert rows[0] == seq[len(p):]
+
+
+def test_workload_benchmark_imports_without_tensorflow(shared_dir):
+  """benchmarks/lmsi_sampling.py imports, and builds its 8-shot CoT prompts and parses answers,
+  on a machine without TensorFlow, SeqIO, TFDS or ml_collections."""
+  import os        # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys       # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ("import sys\n"
+          "for m in ('tensorflow', 'seqio', 'tensorflow_datasets', 'ml_collections'):\n"
+          "  sys.modules[m] = None\n"
+          "sys.path.insert(0, 'benchmarks')\n"
+          "import lmsi_sampling as b\n"
+          f"p = b.prompts(b.questions({os.path.join(shared_dir, 'data', 'gsm8k')!r}, 2))\n"
+          "assert len(p) == 2 and p[0].endswith('\\nA:') and p[0].count('Q: ') == 9, p[0][-200:]\n"
+          "assert b.parses('9 * 2 = 18. The answer is 18.\\nQ: next') and not b.parses('18')\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo,
+                       env={**os.environ, "PYTHONPATH": repo})
+  assert out.returncode == 0, out.stderr
