@@ -65,19 +65,23 @@ def test_shared_equals_plain_tiny(tiny, params):
     assert any(len({tuple(r) for r in rows}) > 1 for rows in shared)
 
 
+def _greedy_by_recompute(lm, prompt, steps: int, length: int) -> list[int]:
+  """`steps` greedy tokens after `prompt`, each the argmax of an uncached full forward."""
+  seq = list(prompt)
+  for _ in range(steps):
+    toks = np.zeros((1, length), np.int32)
+    toks[0, :len(seq)] = seq
+    logits, _ = lm(toks, np.arange(length)[None], model_lib.causal_mask(length))
+    seq.append(int(np.argmax(np.asarray(logits[0, len(seq) - 1]))))
+  return seq[len(prompt):]
+
+
 def test_greedy_shared_equals_full_recompute(tiny):
   """Greedy continuation == argmax of an uncached full forward, token by token."""
   out, _ = _run(tiny, PROMPTS, _keys(len(PROMPTS), 1), batch_size=8,
                 params=sampler.SamplingParams(temperature=0.0, max_decode_steps=8))
-  length = 32
   for p, rows in zip(PROMPTS, out):
-    seq = list(p)
-    for _ in range(8):
-      toks = np.zeros((1, length), np.int32)
-      toks[0, :len(seq)] = seq
-      logits, _ = tiny(toks, np.arange(length)[None], model_lib.causal_mask(length))
-      seq.append(int(np.argmax(np.asarray(logits[0, len(seq) - 1]))))
-    assert rows[0] == seq[len(p):]
+    assert rows[0] == _greedy_by_recompute(tiny, p, 8, length=32)
 
 
 def test_refill_same_samples_whatever_batch_and_order(tiny):
@@ -134,15 +138,8 @@ def test_every_model_option_shared_greedy_equals_full_forward(mesh8):
   prompts = [[5, 9, 2, 7, 1] + q for q in ([3, 4], [8], [6, 6, 6])]
   out, _ = _run(lm, prompts, _keys(3, 1), batch_size=8,
                 params=sampler.SamplingParams(temperature=0.0, max_decode_steps=6))
-  length = 16
   for p, rows in zip(prompts, out):
-    seq = list(p)
-    for _ in range(6):
-      toks = np.zeros((1, length), np.int32)
-      toks[0, :len(seq)] = seq
-      logits, _ = lm(toks, np.arange(length)[None], model_lib.causal_mask(length))
-      seq.append(int(np.argmax(np.asarray(logits[0, len(seq) - 1]))))
-    assert rows[0] == seq[len(p):]
+    assert rows[0] == _greedy_by_recompute(lm, p, 6, length=16)
 
 
 def test_workload_benchmark_imports_without_tensorflow(shared_dir):
