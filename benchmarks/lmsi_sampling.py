@@ -100,7 +100,7 @@ def bench_ours(args, lm, vocab, texts, share: bool) -> dict:
   t0 = time.perf_counter()
   out = run(np.arange(n), st)
   wall = time.perf_counter() - t0
-  samples = [sampler._to_sample(vocab, r, (STOP,)) for rows in out for r in rows]  # pylint: disable=protected-access
+  samples = [sampler.to_sample(vocab, r, (STOP,)) for rows in out for r in rows]
   toks = sum(len(s.tokens) for s in samples)
   return {"wall_s": wall, "warmup_s": warm, "tokens": toks, "tokens_per_s": toks / wall,
           "questions_per_min": 60 * n / wall,
@@ -194,12 +194,9 @@ def main():
   ap.add_argument("--data_dir", default=os.path.join(REPO, "..", "shared", "data", "gsm8k"))
   ap.add_argument("--checkpoint", default="", help="default: configs/smollm2.py's GGUF")
   args = ap.parse_args()
-  if args.hf_questions < 0:
-    args.hf_questions = args.questions
-  if args.plain_questions < 0:
-    args.plain_questions = args.questions
-  if args.ours_questions < 0:
-    args.ours_questions = args.questions
+  for arm in ("ours", "plain", "hf"):     # -1: the same as --questions
+    if getattr(args, f"{arm}_questions") < 0:
+      setattr(args, f"{arm}_questions", args.questions)
 
   import jax
   from lmsi_jax import loading, sharding

@@ -57,7 +57,7 @@ def generate_ids(lm: model_lib.LM, vocab, prompts: Sequence[Sequence[int]], keys
                                 eos_id=vocab.eos_id, pad_id=0, vocab_limit=vocab.vocab_size,
                                 stop_sequences=stop_token_sequences(vocab, stop_strings),
                                 batch_size=batch_size or len(prompts))
-  return [_to_sample(vocab, r[0], stop_strings) for r in out]
+  return [to_sample(vocab, r[0], stop_strings) for r in out]
 
 
 def _stack(rows: Sequence[batching.Row], n: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -129,7 +129,7 @@ def generate(lm: model_lib.LM, vocab, prompts: Sequence[str], *, num_samples: in
   out = batching.sample_prompts(lm, ids, keys, params=params, eos_id=vocab.eos_id, pad_id=0,
                                 vocab_limit=vocab.vocab_size, stop_sequences=stops,
                                 batch_size=batch_size, progress=progress)
-  return [[_to_sample(vocab, row, stop_strings) for row in rows] for rows in out]
+  return [[to_sample(vocab, row, stop_strings) for row in rows] for rows in out]
 
 
 def _empty_prompt(vocab, i: int) -> list[int]:
@@ -145,7 +145,8 @@ def _empty_prompt(vocab, i: int) -> list[int]:
   return [int(bos)]
 
 
-def _to_sample(vocab, row: batching.Row, stop_strings: Sequence[str]) -> Sample:
+def to_sample(vocab, row: batching.Row, stop_strings: Sequence[str]) -> Sample:
+  """One engine row (tokens, log-probs, stop reason) as a text `Sample`, cut at a stop string."""
   toks = [int(t) for t in row.tokens]
   reason = STOP_REASONS[row.reason]
   body = toks[:-1] if reason == "eos" else toks
