@@ -35,6 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       preset="tiny",            # a lmsi_jax.model.PRESETS name; ignored when checkpoint is set
+      init="",                  # fresh weights: "" (the preset's), "normal" or "fan_in"
+                                # (lmsi_jax.model.ModelConfig.init); ignored with a checkpoint
       checkpoint="",            # HF directory, .gguf file, or an lmsi_jax Orbax checkpoint dir
       param_dtype="float32",
       dtype="float32",          # compute dtype ("bfloat16" = mixed precision, f32 master weights)
@@ -244,6 +246,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   from lmsi_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   check(bool(c.model.checkpoint) or c.model.preset in model_lib.PRESETS, "model.checkpoint",
         f"set it to a HF directory or .gguf file (or model.preset to one of {sorted(model_lib.PRESETS)})")
+  check(c.model.init in ("",) + model_lib.INITS, "model.init",
+        f"expected '' (the preset's) or one of {list(model_lib.INITS)}")
   from lmsi_jax import wandb_logger  # pylint: disable=g-import-not-at-top
   wandb_logger.validate(c, check)
   check(c.data.source in ("jsonl", "tfds"), "data.source", "expected 'jsonl' or 'tfds'")

@@ -28,7 +28,8 @@ def build_model(cfg, mesh):
   path = cfg.model.checkpoint
   if not path:
     vocab = vocab_lib.byte_vocabulary()
-    mcfg = model_lib.preset(cfg.model.preset, **_overrides(cfg))
+    init = {"init": cfg.model.init} if cfg.model.get("init") else {}
+    mcfg = model_lib.preset(cfg.model.preset, **_overrides(cfg), **init)
     if mcfg.vocab_size < vocab.vocab_size:
       raise ValueError(f"model.preset={cfg.model.preset!r} has vocab_size {mcfg.vocab_size} < "
                        f"the byte vocabulary's {vocab.vocab_size}")

@@ -45,7 +45,7 @@ from jax.sharding import Mesh
 
 from lmsi_jax import sharding
 from lmsi_jax.model_config import (ACTIVATIONS, DTYPES, LAYER_TYPES, PRESETS,  # noqa: F401
-                                   ROPE_TYPES, ModelConfig, preset)
+                                   INITS, ROPE_TYPES, ModelConfig, preset)
 from lmsi_jax.rope import base_frequencies, rope, rope_frequencies  # noqa: F401
 
 # Per-block rematerialisation (MaxText's `remat_policy`): what the backward pass keeps of
@@ -61,6 +61,17 @@ _init = nnx.initializers.normal(0.02)
 
 def _param(rngs: nnx.Rngs, shape, names, dtype, init=_init) -> nnx.Param:
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
+
+
+def _kernel(cfg: ModelConfig, rngs: nnx.Rngs, shape, names, fan_in: int,
+            residual: bool = False) -> nnx.Param:
+  """A projection's weights, drawn as `cfg.init` says (ModelConfig.init)."""
+  if cfg.init == "normal":
+    init = _init
+  else:
+    std = fan_in ** -0.5 / ((2 * cfg.num_layers) ** 0.5 if residual else 1.0)
+    init = nnx.initializers.normal(std)
+  return _param(rngs, shape, names, DTYPES[cfg.param_dtype], init)
 
 
 class RMSNorm(nnx.Module):
@@ -88,10 +99,11 @@ class Attention(nnx.Module):
     d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pd = DTYPES[cfg.param_dtype]
     self.cfg = cfg
-    self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd)
-    self.k_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
-    self.v_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
-    self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd)
+    self.q_proj = _kernel(cfg, rngs, (d, h, hd), ("embed", "heads", "head_dim"), d)
+    self.k_proj = _kernel(cfg, rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), d)
+    self.v_proj = _kernel(cfg, rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), d)
+    self.o_proj = _kernel(cfg, rngs, (h, hd, d), ("heads", "head_dim", "embed"), h * hd,
+                          residual=True)
     if cfg.qkv_bias:
       zeros = nnx.initializers.zeros
       self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), pd, zeros)
@@ -204,12 +216,12 @@ def _decode_attention(q, k_new, v_new, k_cache, v_cache, mask, index, softcap=No
 class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    d, f, pd = cfg.hidden_size, cfg.intermediate_size, DTYPES[cfg.param_dtype]
+    d, f = cfg.hidden_size, cfg.intermediate_size
     self.dtype = DTYPES[cfg.dtype]
     self.act = cfg.mlp_activation
-    self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
-    self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
-    self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
+    self.gate_proj = _kernel(cfg, rngs, (d, f), ("embed", "mlp"), d)
+    self.up_proj = _kernel(cfg, rngs, (d, f), ("embed", "mlp"), d)
+    self.down_proj = _kernel(cfg, rngs, (f, d), ("mlp", "embed"), f, residual=True)
 
   def __call__(self, x):
     dt = self.dtype
@@ -253,7 +265,8 @@ class Llama(nnx.Module):
     self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, pd, rngs=rngs, offset=cfg.norm_offset)
     if not cfg.tie_embeddings:
-      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+      self.lm_head = _kernel(cfg, rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                             cfg.hidden_size)
 
   def __call__(self, tokens, positions, mask, cache=None, cache_index=0, remat="none"):
     x, new_cache = self.hidden(tokens, positions, mask, cache, cache_index, remat)

@@ -17,6 +17,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 ROPE_TYPES = ("default", "llama3", "linear")
+INITS = ("normal", "fan_in")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,10 @@ class ModelConfig:
   # Per-frequency divisors of the global layers' inverse frequencies ([head_dim/2]; () -> none):
   # llama.cpp's rope_freqs.weight, how a GGUF stores Llama 3.1+ `llama3` scaling.
   rope_freq_factors: tuple[float, ...] = ()
+  # How fresh (not loaded) weights are drawn: "normal" = N(0, 0.02) everywhere (HF's
+  # initializer_range); "fan_in" = projections N(0, 1/fan_in), the residual-writing ones
+  # (o_proj, down_proj) also divided by sqrt(2 * num_layers) (GPT-2), embeddings N(0, 0.02).
+  init: str = "normal"
 
   def __post_init__(self):
     if self.head_dim == 0:
@@ -76,6 +81,8 @@ class ModelConfig:
     if self.mlp_activation not in ACTIVATIONS:
       raise ValueError(f"model.mlp_activation={self.mlp_activation!r}: expected one of "
                        f"{sorted(ACTIVATIONS)}")
+    if self.init not in INITS:
+      raise ValueError(f"model.init={self.init!r}: expected one of {list(INITS)}")
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f"model.rope_type={self.rope_type!r}: expected one of {list(ROPE_TYPES)}")
     if self.num_heads % self.num_kv_heads:
