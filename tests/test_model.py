@@ -1,4 +1,7 @@
 """Model: sharded init, logical axes, mesh errors, variants."""
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +56,33 @@ def test_init_deterministic_and_seed_dependent(mesh8):
   c = model_lib.LM.init(cfg, mesh8, seed=2).state["embed"][...]
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.allclose(np.asarray(a), np.asarray(c))
+
+
+def test_fan_in_init_scales_and_normal_is_unchanged(mesh8):
+  """model.init: "normal" draws every weight N(0, 0.02) (the default; the same draws as
+  before the option existed: same key order); "fan_in" draws projections N(0, 1/fan_in),
+  the residual-writing o_proj/down_proj also / sqrt(2L), and leaves the embeddings alone."""
+  cfg = model_lib.ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
+                              num_kv_heads=2, intermediate_size=256, tie_embeddings=False)
+  normal = model_lib.LM.init(cfg, mesh8, seed=5).state
+  fan = model_lib.LM.init(dataclasses.replace(cfg, init="fan_in"), mesh8, seed=5).state
+  std = lambda st, *path: float(np.std(np.asarray(functools.reduce(lambda t, k: t[k], path, st)[...])))
+  for path in (("embed",), ("lm_head",), ("layers", 0, "attn", "q_proj"),
+               ("layers", 1, "mlp", "down_proj")):
+    assert std(normal, *path) == pytest.approx(0.02, rel=0.1)
+  assert std(fan, "embed") == pytest.approx(0.02, rel=0.1)
+  np.testing.assert_array_equal(np.asarray(fan["embed"][...]), np.asarray(normal["embed"][...]))
+  assert std(fan, "lm_head") == pytest.approx(64 ** -0.5, rel=0.1)
+  assert std(fan, "layers", 0, "attn", "k_proj") == pytest.approx(64 ** -0.5, rel=0.1)
+  assert std(fan, "layers", 0, "mlp", "up_proj") == pytest.approx(64 ** -0.5, rel=0.1)
+  assert std(fan, "layers", 1, "attn", "o_proj") == pytest.approx(64 ** -0.5 / 2, rel=0.1)
+  assert std(fan, "layers", 1, "mlp", "down_proj") == pytest.approx(256 ** -0.5 / 2, rel=0.1)
+  # The same standard-normal draws, rescaled: fan_in / normal is one constant per weight.
+  q_fan = np.asarray(fan["layers"][0]["attn"]["q_proj"][...])
+  q_normal = np.asarray(normal["layers"][0]["attn"]["q_proj"][...])
+  np.testing.assert_allclose(q_fan, q_normal * (64 ** -0.5 / 0.02), rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="model.init='xavier'"):
+    dataclasses.replace(cfg, init="xavier")
 
 
 @pytest.mark.parametrize("tie,bias", [(True, False), (False, True)])
