@@ -233,3 +233,11 @@ def test_guard_settings_fail_in_one_line_naming_the_key(kw, key, demo_config):
   c = demo_config("smoke", {f"guard.{k}": v for k, v in kw.items()})
   with pytest.raises(ValueError, match=rf"^config\.{key}="):
     config_lib.validate(c)
+
+
+def test_model_init_fails_in_one_line_naming_the_key(demo_config):
+  from lmsi_jax import config as config_lib
+  config_lib.validate(demo_config("smoke"))      # the demo's "fan_in" is valid
+  c = demo_config("smoke", {"model.init": "xavier"})
+  with pytest.raises(ValueError, match=r"^config\.model\.init='xavier': expected '' \(the preset's\)"):
+    config_lib.validate(c)
