@@ -190,7 +190,7 @@ def test_sampler_logprobs_are_the_train_forward_logprobs(mesh8):
 
 
 # ------------------------------------------------------------------------- DPO
-def test_dpo_loss_matches_hand_computation():
+def test_dpo_and_scpo_losses_match_hand_computation():
   logits, targets = _toy(b=4, t=3, v=5, seed=3)
   w = np.array([[0, 1, 1], [0, 1, 1], [1, 1, 1], [0, 0, 1]], np.float32)
   seq = (_np_logp(logits, targets) * w).sum(-1)
@@ -203,6 +203,13 @@ def test_dpo_loss_matches_hand_computation():
   assert float(n) == 2.0
   assert float(loss) == pytest.approx(-0.5 * logsig(m[0]) - 0.25 * logsig(m[1]), rel=1e-5)
   assert float(aux["dpo_accuracy"]) == pytest.approx(np.mean([x > 0 for x in m]))
+  # ScPO adds the chosen path's length-normalised NLL, weighted by the pair's weight
+  nll = [-seq[0] / w[0].sum(), -seq[2] / w[2].sum()]
+  loss, n, aux = objectives.DirectPreference(beta=0.1, nll_coef=0.7)(jnp.asarray(logits), batch)
+  assert float(n) == 2.0
+  assert float(loss) == pytest.approx(0.5 * (-logsig(m[0]) + 0.7 * nll[0])
+                                      + 0.25 * (-logsig(m[1]) + 0.7 * nll[1]), rel=1e-5)
+  assert float(aux["chosen_nll"]) == pytest.approx(np.mean(nll), rel=1e-5)
 
 
 def test_dpo_pair_selection_matches_hand_computation():
