@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from lmsi_jax import model as model_lib
+from lmsi_jax import preemption
 from lmsi_jax import pseudo_labels as pl
 from lmsi_jax import testing
-from lmsi_jax import train as train_lib
 from lmsi_jax.data import vocab as vocab_lib
 from lmsi_jax.learners import objectives
 from lmsi_jax.learners import rows as rows_lib
@@ -319,8 +319,8 @@ def test_vote_rl_resumes_after_a_kill_from_its_last_checkpoint(demo_config, tmp_
   # SIGTERM while batch 0 samples: that batch is trained, saved (update 1, between the
   # periodic saves at 2 and 4), then one Preempted line; the rerun resumes at batch 1
   ctx4, _ = _ctx(demo_config, tmp_path / "term", sigterm_at=1)
-  with train_lib.preemptible():
-    with pytest.raises(train_lib.Preempted) as e:
+  with preemption.preemptible():
+    with pytest.raises(preemption.Preempted) as e:
       vote_rl.train_round(ctx4, ctx4.base_lm, ctx4.base_lm, 1, qs, out(ctx4))
   assert str(e.value).startswith("preempted by SIGTERM: round 1 vote_rl saved a checkpoint at "
                                  "update 1 of 4 in ")
