@@ -8,6 +8,7 @@ finished seeds and resumes an interrupted one), then writes
   DIR/aggregate.json   {"seeds", "per_seed": [{seed, metric: value}], "mean", "sd", "n"}
   DIR/aggregate.md     the per-seed table and mean ± sd of every headline metric
   DIR/accuracy.png     greedy / SC accuracy per round, mean with ±1 sd error bars
+  DIR/learners.png     (mode "learners") each learner's greedy / SC per round, mean ± sd
 
 A demo claim is a mean ± sd over seeds, and must hold on every seed: the exact
 numbers vary with the CPU (XLA:CPU's float order), the claim must not.
@@ -159,11 +160,40 @@ def plot(agg: dict, workdir: str) -> str:
   return report_lib.save_png(fig, os.path.join(workdir, "accuracy.png"))
 
 
+def plot_learners(agg: dict, workdir: str) -> str | None:
+  """learners.png (mode "learners"): each learner's greedy and SC accuracy per round from the
+  shared base, mean ± sd over the seeds, side by side; None without learners."""
+  mean, sd = agg["mean"], agg["sd"]
+  names = list(dict.fromkeys(m.group(1) for k in mean
+                             if (m := re.fullmatch(r"(\w+?)_round\d+_greedy", k))))
+  if not names:
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from lmsi_jax import report as report_lib  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  for ax, kind, title in zip(axes, ("greedy", "sc"), ("greedy CoT", "self-consistency")):
+    for name in names:
+      rounds = sorted(int(re.fullmatch(rf"{name}_round(\d+)_{kind}", k).group(1)) for k in mean
+                      if re.fullmatch(rf"{name}_round\d+_{kind}", k))
+      keys = [f"base_{kind}"] + [f"{name}_round{r}_{kind}" for r in rounds]
+      ax.errorbar([0] + rounds, [mean[k] for k in keys], yerr=[sd[k] or 0.0 for k in keys],
+                  fmt="o-", capsize=3, label=name)
+      ax.set_xticks([0] + rounds)
+    ax.set(xlabel="round (0 = base)", ylabel="held-out accuracy", ylim=(0, 1),
+           title=f"{title}, mean ± sd over {len(agg['seeds'])} seeds")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  return report_lib.save_png(fig, os.path.join(workdir, "learners.png"))
+
+
 def write(agg: dict, workdir: str) -> None:
   fileio.write_text_atomic(os.path.join(workdir, "aggregate.json"),
                            json.dumps(agg, indent=1, sort_keys=True))
   fileio.write_text_atomic(os.path.join(workdir, "aggregate.md"), to_markdown(agg))
   plot(agg, workdir)
+  plot_learners(agg, workdir)
 
 
 def run_seeds(cfg, workdir: str, seeds: list[int]) -> dict:

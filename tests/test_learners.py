@@ -462,8 +462,9 @@ def test_learners_smoke_compares_the_three_from_one_base(tmp_path):
   assert "## Learners" in (workdir / "report.md").read_text()
 
 
-def test_seed_aggregate_carries_each_learner():
-  """--seeds over mode "learners": mean ± sd of every learner's rows (multiseed.headline)."""
+def test_seed_aggregate_carries_each_learner(tmp_path):
+  """--seeds over mode "learners": mean ± sd of every learner's rows (multiseed.headline),
+  and learners.png beside accuracy.png."""
   from lmsi_jax import multiseed
   row = lambda g, extra=None: {"round": 1, "greedy_acc": g, "sc_acc": g + 0.1,
                                "pseudo_label_precision": 0.5, **(extra or {})}
@@ -484,3 +485,8 @@ def test_seed_aggregate_carries_each_learner():
   assert agg["mean"]["vote_rl_sampled_tokens"] == 110
   md = multiseed.to_markdown(agg)
   assert "| vote_rl_sampled_tokens | 110 | 110 | 110 ± 0 |" in md
+  multiseed.write(agg, str(tmp_path))
+  for png in ("accuracy.png", "learners.png"):
+    assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  multiseed.write(multiseed.aggregate({0: {**rep(0.4), "learners": {}}}), str(tmp_path / "one"))
+  assert not (tmp_path / "one" / "learners.png").exists()     # no learners, no plot
