@@ -181,7 +181,9 @@ def _pick(logits, keys, t, spec: Spec):
   return tok, jnp.take_along_axis(logits, tok[:, None], -1)[:, 0] - lse
 
 
-def _step(model, prefix: Prefix, table: Table, rows: Rows, spec: Spec) -> Rows:
+def _step(model, prefix: Prefix, table: Table, rows: Rows, spec: Spec, layers) -> Rows:
+  """One decode step of every row; `layers`: `model.split_scan_xs((prefix.cache,
+  table.cache))`, sliced once per chunk."""
   b, n = spec.batch, spec.steps
   w = rows.g % n
   fresh = rows.t == 0
@@ -201,9 +203,8 @@ def _step(model, prefix: Prefix, table: Table, rows: Rows, spec: Spec) -> Rows:
             seg_lib.Segment(tab["k"][qs], tab["v"][qs], q_valid, q_pos),
             seg_lib.Segment(own["k"], own["v"], own_valid, own_pos))
 
-  hidden, kv = seg_lib.segment_layers(model, rows.last[:, None], pos[:, None],
-                                      (prefix.cache, table.cache, rows.cache), layer_segments,
-                                      jnp.ones((1, 1, 1), bool))
+  hidden, kv = seg_lib.segment_layers(model, rows.last[:, None], pos[:, None], (rows.cache,),
+                                      layer_segments, jnp.ones((1, 1, 1), bool), split=layers)
   cache = {n: jax.lax.dynamic_update_slice_in_dim(c, kv[n].astype(c.dtype), w, axis=2)
            for n, c in rows.cache.items()}
   logits = jnp.where(fresh[:, None], table.logits[qs], model.logits(hidden)[:, 0])
@@ -232,17 +233,20 @@ def decode_chunk(graphdef, state, prefix: Prefix, table: Table, rows: Rows, refi
   row runs), stopping early once `free_target` slots are idle."""
   model = nnx.merge(graphdef, state)
   rows = _refill(rows, refill_mask, refill_qslot, refill_keys, spec)
+  # The parameters and the prefix / question KV sliced per layer once per chunk, not per step;
+  # carried through the loop unchanged (a closed-over Variable could not be used in its trace).
+  layers = model.split_scan_xs((prefix.cache, table.cache))
 
   def cond(c):
-    i, r = c
+    i, r, _ = c
     idle = jnp.sum(r.done.astype(jnp.int32))
     return jnp.any(~r.done) & ((i == 0) | ((i < spec.chunk) & (idle < free_target)))
 
   def body(c):
-    i, r = c
-    return i + 1, _step(model, prefix, table, r, spec)
+    i, r, ls = c
+    return i + 1, _step(model, prefix, table, r, spec, ls), ls
 
-  return jax.lax.while_loop(cond, body, (jnp.array(0, jnp.int32), rows))[1]
+  return jax.lax.while_loop(cond, body, (jnp.array(0, jnp.int32), rows, layers))[1]
 
 
 # XLA options of the decode loop per platform: data, not a second program. XLA:CPU's default

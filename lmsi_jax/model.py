@@ -303,6 +303,15 @@ class Llama(nnx.Module):
     flags = jnp.asarray(kinds) if len(set(kinds)) > 1 else None
     return nnx.state(self.layers, nnx.Param), flags, per_layer
 
+  def split_scan_xs(self, per_layer=None) -> list:
+    """`scan_xs(per_layer)` sliced per layer: L trees, each what one step of the scan reads.
+    Decoding slices once per decode call, outside its loop over steps, and applies `scan_body`
+    per layer (segments.segment_layers(split=...)): inside a loop, XLA:CPU copies a scanned
+    layer's slice of every stacked weight on every step instead of reading it in place (decode
+    was 1.4x slower for it, BENCHMARKS.md). MaxText likewise decodes with scan_layers=False."""
+    xs = self.scan_xs(per_layer)
+    return [jax.tree.map(lambda a, i=i: a[i], xs) for i in range(self.cfg.num_layers)]
+
   def scan_body(self, fn):
     """The scan body over `scan_xs`: fn(block, x, per_layer slice, local) -> (x, y). Mixed
     sliding/global layers get their kind as a scanned bool, uniform ones a Python bool.
@@ -312,7 +321,8 @@ class Llama(nnx.Module):
 
     def body(x, xs):
       params, flag, per_layer = xs
-      params = nnx.spmd.remove_axis(params, 0, {nnx.PARTITION_NAME: "layers"})
+      params = nnx.spmd.remove_axis(jax.tree.map(lambda v: v, params), 0,   # fresh Variables
+                                    {nnx.PARTITION_NAME: "layers"})
       block = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))   # fresh Variables
       return fn(block, x, per_layer, uniform if flag is None else flag)
     return body

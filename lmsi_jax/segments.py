@@ -104,12 +104,17 @@ def attend(attn: model_lib.Attention, q, qpos, segments: list[Segment], local):
   return attn.output(out.astype(dt).reshape(b, t, h, hd))
 
 
-def segment_layers(model: model_lib.Llama, tokens, positions, stored, layer_segments, self_valid):
+def segment_layers(model: model_lib.Llama, tokens, positions, stored, layer_segments, self_valid,
+                   split=None):
   """Runs every block on `tokens` [B,T] at `positions` [B,T]: one scan over the stacked layers.
 
   `stored`: a pytree whose leaves have a leading layer axis (the layers' stored KV), or
   None; layer_segments(slice of `stored`) -> that layer's stored segments. The new tokens'
   own keys are appended as a last segment with `self_valid` [B or 1, T, T].
+  `split` (decoding): `model.split_scan_xs(fixed)`, the parameters and the loop-invariant
+  stored KV `fixed` (a tuple) already sliced per layer; the same scan body then runs per layer
+  on them, each layer's stored tuple being its slice of `fixed` followed by its slice of
+  `stored` (a tuple too).
   Returns (final-norm hidden [B,T,hidden], {"k","v"} [L,B,T,KV,D] of the new tokens).
   """
   def layer(block, x, stored_i, local):
@@ -122,6 +127,13 @@ def segment_layers(model: model_lib.Llama, tokens, positions, stored, layer_segm
     m = block.mlp(block.mlp_norm(x))
     return x + (block.mlp_post_norm(m) if block.post_norms else m), {"k": k, "v": v}
 
-  x, new_kv = jax.lax.scan(model.scan_body(layer), model.embed_tokens(tokens),
-                           model.scan_xs(stored))
+  body, x = model.scan_body(layer), model.embed_tokens(tokens)
+  if split is None:
+    x, new_kv = jax.lax.scan(body, x, model.scan_xs(stored))
+  else:
+    ys = []
+    for i, (params, flag, fixed) in enumerate(split):
+      x, y = body(x, (params, flag, tuple(fixed) + jax.tree.map(lambda a, i=i: a[i], stored)))
+      ys.append(y)
+    new_kv = jax.tree.map(lambda *a: jnp.stack(a), *ys)
   return model.final_norm(x), new_kv
