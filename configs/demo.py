@@ -85,8 +85,10 @@ def _learners(c, smoke: bool):
 
   Budget: sft and vote_dpo sample the pool (1,000 questions x 32 paths) once per round;
   vote_rl samples 25 batches of 40 questions x 32 paths = 32,000 paths per round, on policy.
-  report.md's learners table lists each learner's sampled tokens. vote_rl and vote_dpo's
-  learning rates are first guesses, not tuned.
+  report.md's learners table lists each learner's sampled tokens. vote_rl's learning rate is
+  a first guess, not tuned. vote_dpo's beta = 5 and learning rate 3e-4 (with ScPO's NLL term)
+  were picked on seed 0's round 1 from eight settings (BENCHMARKS.md, "Three learners"): plain
+  DPO at beta 0.1, lr 1e-4 drove the model to ~0%.
 
     python -m lmsi_jax.main --config=configs/demo.py:learners --workdir=DIR --seeds=0-2
   """
@@ -98,7 +100,7 @@ def _learners(c, smoke: bool):
   c.vote_rl.update(questions_per_step=40, samples_per_question=32, steps_per_round=25,
                    updates_per_batch=1, clip_eps=0.2, std_normalize=True, kl_coef=0.0,
                    learning_rate=1e-4)
-  c.vote_dpo.update(beta=0.1, margin_weighted=True, learning_rate=1e-4)
+  c.vote_dpo.update(beta=5.0, nll_coef=1.0, margin_weighted=True, learning_rate=3e-4)
   if smoke:   # pool 48 x 4 paths; vote_rl: 6 batches of 8 questions x 4 paths = 192 paths
     c.synthetic.pool_n = 48
     c.vote_rl.update(questions_per_step=8, samples_per_question=4, steps_per_round=6)

@@ -116,7 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
       learning_rate=0.0))                 # 0 = train.learning_rate
   # Learner vote_dpo (lmsi_jax/learners/vote_dpo.py); steps and batch are train.*.
   c.vote_dpo = ml_collections.ConfigDict(dict(
-      beta=0.1, margin_weighted=True, learning_rate=0.0))   # 0 = train.learning_rate
+      beta=0.1, margin_weighted=True,
+      nll_coef=1.0,             # ScPO's NLL term on the chosen path (0: plain DPO)
+      learning_rate=0.0))       # 0 = train.learning_rate
   # mode="learners" (lmsi_jax/learners/compare.py): these learners from one base model.
   c.learners = ml_collections.ConfigDict(dict(compare=("sft", "vote_rl", "vote_dpo")))
   # Self-generated data (LMSI §3.3; lmsi_jax/selfgen.py).

@@ -88,7 +88,7 @@ def _run(cfg) -> int:
   from lmsi_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from lmsi_jax import distributed  # pylint: disable=g-import-not-at-top
   from lmsi_jax import multiseed  # pylint: disable=g-import-not-at-top
-  from lmsi_jax import train  # pylint: disable=g-import-not-at-top
+  from lmsi_jax import preemption  # pylint: disable=g-import-not-at-top
   from lmsi_jax import wandb_logger  # pylint: disable=g-import-not-at-top
   config_lib.validate(cfg)
   seeds = multiseed.parse_seeds(_SEEDS.value) if _SEEDS.value is not None else None
@@ -106,14 +106,14 @@ def _run(cfg) -> int:
   logging.info("overrides: %s", config_flags.get_override_values(flags.FLAGS["config"]))
   try:
     # SIGTERM/SIGINT: training saves its step, then exits here. W&B: only with a project.
-    with train.preemptible(), wandb_logger.session(cfg, _WORKDIR.value):
+    with preemption.preemptible(), wandb_logger.session(cfg, _WORKDIR.value):
       if seeds:
         agg = multiseed.run_seeds(cfg, _WORKDIR.value, seeds)
         if distributed.is_main_process():
           print(multiseed.to_markdown(agg))
         return 0
       report = pipeline.run()
-  except train.Preempted as e:
+  except preemption.Preempted as e:
     print(f"lmsi_jax: {e}", file=sys.stderr)
     return 128 + e.signum
   if distributed.is_main_process():

@@ -28,7 +28,6 @@ import logging
 import time
 from collections.abc import Callable
 
-from lmsi_jax import context as context_lib
 from lmsi_jax import distributed
 from lmsi_jax import early_stop as early_stop_lib
 from lmsi_jax import guard as guard_lib

@@ -16,9 +16,7 @@ import functools
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -36,6 +34,7 @@ from tqdm import tqdm
 
 from lmsi_jax import checkpoint as ckpt_lib
 from lmsi_jax import model as model_lib
+from lmsi_jax import preemption
 from lmsi_jax import sharding
 from lmsi_jax import wandb_logger
 from lmsi_jax.optim import TrainConfig, learning_rate_schedule, make_optimizer
@@ -52,70 +51,6 @@ class LossContext:
 
 
 LossFn = Callable[[jax.Array, Batch, LossContext], tuple]
-
-
-# ------------------------------------------------------------------ preemption
-class Preempted(Exception):
-  """SIGTERM/SIGINT stopped the run (after training saved its current step)."""
-
-  def __init__(self, signum: int, msg: str):
-    super().__init__(msg)
-    self.signum = signum
-
-
-class _Signals:
-  received = 0          # the first SIGTERM/SIGINT seen while a training loop runs
-  training = 0          # nesting depth of running training loops
-
-
-def _handler(signum, frame):
-  del frame
-  name = signal.Signals(signum).name
-  if _Signals.training and not _Signals.received:
-    _Signals.received = signum        # the loop saves this step, then raises Preempted
-    logging.warning("%s received: saving a checkpoint at the current step", name)
-    return
-  raise Preempted(signum, f"preempted by {name}: finished stages, checkpoints and sample "
-                          "shards are kept; rerun the same command to resume")
-
-
-@contextlib.contextmanager
-def preemptible():
-  """SIGTERM and SIGINT raise `Preempted`: at once outside a training loop, and inside
-  one after it saved a checkpoint at its current step. Main thread only (elsewhere a no-op)."""
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-  old = {s: signal.signal(s, _handler) for s in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    yield
-  finally:
-    for s, h in old.items():
-      signal.signal(s, h)
-    if not any(h is _handler for h in old.values()):
-      _Signals.received = 0
-
-
-@contextlib.contextmanager
-def deferred_stop():
-  """A loop that can save mid-way (training, vote_rl): inside, SIGTERM/SIGINT only record
-  the signal; the loop polls `stop_requested()` at a point where it can save, saves its
-  current step, then raises `Preempted`."""
-  with preemptible():
-    _Signals.training += 1
-    try:
-      yield
-    finally:
-      _Signals.training -= 1
-
-
-def stop_requested() -> int:
-  """The signal to stop on (0: none), agreed by every process (one allgather per step when
-  there are several: a host that saved alone would leave the others in a collective)."""
-  sig = _Signals.received
-  if jax.process_count() > 1:
-    sig = int(np.max(multihost_utils.process_allgather(np.array([sig], np.int32))))
-  return sig
 
 
 def cross_entropy_loss(logits, batch: Batch, ctx: LossContext | None = None):
@@ -378,24 +313,22 @@ def train(lm: model_lib.LM, batches: Iterable[Batch], tcfg: TrainConfig, workdir
                        i + 1, tcfg.num_steps, m["loss"], m["learning_rate"], m["grad_norm"], rate)
           bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
 
-    stack.enter_context(deferred_stop())
+    stack.enter_context(preemption.deferred_stop())
     for i in range(start, tcfg.num_steps):
       batch = step_fn.put_batch(next(batches))
       params, opt_state, metrics = step_fn(params, opt_state, batch, i, frozen)
       pending.append((i, metrics))
       check(i - 1)  # one step behind: the host prepares the next batch while this one runs
       s = i + 1
-      stop = stop_requested()
+      stop = preemption.stop_requested()
       if s % tcfg.checkpoint_every == 0 or s == tcfg.num_steps or stop:
         check(i)    # never save a state whose loss was not finite
         if not ckpt.save(s, params, opt_state, _data_state(batches), {**meta, "step": s}):
           raise RuntimeError(f"{desc}: checkpoint save for step {s} was refused by Orbax")
         last_good = s
       if stop:
-        ckpt.wait()
-        raise Preempted(stop, f"preempted by {signal.Signals(stop).name}: {desc} saved a "
-                              f"checkpoint at step {s} of {tcfg.num_steps} in "
-                              f"{ckpt.directory}; rerun the same command to resume")
+        preemption.stop_after_save(stop, ckpt, f"{desc} saved a checkpoint at step {s} of "
+                                               f"{tcfg.num_steps}")
     check(tcfg.num_steps)
   return done(params)
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from lmsi_jax import model as model_lib
+from lmsi_jax import preemption
 from lmsi_jax import pseudo_labels as pl
 from lmsi_jax import testing
-from lmsi_jax import train as train_lib
 from lmsi_jax.data import vocab as vocab_lib
 from lmsi_jax.learners import objectives
 from lmsi_jax.learners import rows as rows_lib
@@ -190,7 +190,7 @@ def test_sampler_logprobs_are_the_train_forward_logprobs(mesh8):
 
 
 # ------------------------------------------------------------------------- DPO
-def test_dpo_loss_matches_hand_computation():
+def test_dpo_and_scpo_losses_match_hand_computation():
   logits, targets = _toy(b=4, t=3, v=5, seed=3)
   w = np.array([[0, 1, 1], [0, 1, 1], [1, 1, 1], [0, 0, 1]], np.float32)
   seq = (_np_logp(logits, targets) * w).sum(-1)
@@ -203,6 +203,13 @@ def test_dpo_loss_matches_hand_computation():
   assert float(n) == 2.0
   assert float(loss) == pytest.approx(-0.5 * logsig(m[0]) - 0.25 * logsig(m[1]), rel=1e-5)
   assert float(aux["dpo_accuracy"]) == pytest.approx(np.mean([x > 0 for x in m]))
+  # ScPO adds the chosen path's length-normalised NLL, weighted by the pair's weight
+  nll = [-seq[0] / w[0].sum(), -seq[2] / w[2].sum()]
+  loss, n, aux = objectives.DirectPreference(beta=0.1, nll_coef=0.7)(jnp.asarray(logits), batch)
+  assert float(n) == 2.0
+  assert float(loss) == pytest.approx(0.5 * (-logsig(m[0]) + 0.7 * nll[0])
+                                      + 0.25 * (-logsig(m[1]) + 0.7 * nll[1]), rel=1e-5)
+  assert float(aux["chosen_nll"]) == pytest.approx(np.mean(nll), rel=1e-5)
 
 
 def test_dpo_pair_selection_matches_hand_computation():
@@ -312,8 +319,8 @@ def test_vote_rl_resumes_after_a_kill_from_its_last_checkpoint(demo_config, tmp_
   # SIGTERM while batch 0 samples: that batch is trained, saved (update 1, between the
   # periodic saves at 2 and 4), then one Preempted line; the rerun resumes at batch 1
   ctx4, _ = _ctx(demo_config, tmp_path / "term", sigterm_at=1)
-  with train_lib.preemptible():
-    with pytest.raises(train_lib.Preempted) as e:
+  with preemption.preemptible():
+    with pytest.raises(preemption.Preempted) as e:
       vote_rl.train_round(ctx4, ctx4.base_lm, ctx4.base_lm, 1, qs, out(ctx4))
   assert str(e.value).startswith("preempted by SIGTERM: round 1 vote_rl saved a checkpoint at "
                                  "update 1 of 4 in ")

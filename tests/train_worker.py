@@ -88,11 +88,11 @@ if __name__ == "__main__":
   sys.modules.setdefault("torch", None)  # tensorboardX imports torch if it can (~5 s); not needed
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_num_cpu_devices", 8)
-  from lmsi_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from lmsi_jax import preemption  # pylint: disable=g-import-not-at-top
   try:
     out = run(sys.argv[1], delay_s=float(sys.argv[3]) if len(sys.argv) > 3 else 0.0,
               lora_rank=int(os.environ.get("TRAIN_WORKER_LORA_RANK", "0")))
-  except train_lib.Preempted as e:
+  except preemption.Preempted as e:
     print(f"lmsi_jax: {e}", file=sys.stderr)
     sys.exit(128 + e.signum)
   np.savez(sys.argv[2] + ".tmp.npz", **flat_params(out.state))

@@ -30,5 +30,7 @@ def check_config(c) -> None:
   d = c.vote_dpo
   if not d.beta > 0:
     raise ValueError(f"vote_dpo.beta={d.beta!r}: must be > 0")
+  if not d.nll_coef >= 0:
+    raise ValueError(f"vote_dpo.nll_coef={d.nll_coef!r}: must be >= 0")
   if not d.learning_rate >= 0:
     raise ValueError(f"vote_dpo.learning_rate={d.learning_rate!r}: must be >= 0")

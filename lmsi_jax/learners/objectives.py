@@ -17,9 +17,12 @@ hand computations in tests/test_learners.py.
   Summed over the batch's completion tokens; the train step divides by their
   count (token-mean aggregation). With one update per batch the ratio is 1 and
   the gradient is REINFORCE with the group-mean baseline: -A * grad logp.
-- `DirectPreference`: DPO over (chosen, rejected) rows 2i, 2i+1 of a batch:
-  -w_i * log sigmoid(beta * ((c - c_ref) - (r - r_ref))), the log-probs summed
-  over each completion, w_i the pair's weight (ScPO: the vote margin).
+- `DirectPreference`: ScPO's loss over (chosen, rejected) rows 2i, 2i+1 of a
+  batch: -w_i * log sigmoid(beta * ((c - c_ref) - (r - r_ref)))
+  - nll_coef * w_i * c / |c|, the log-probs summed over each completion, w_i
+  the pair's weight (ScPO: the vote margin), |c| the chosen completion's token
+  count. The second term is ScPO's (and IRPO's) length-normalised NLL of the
+  chosen path; nll_coef=0 is plain (weighted) DPO.
 - `select_pair(answers, vote)`: ScPO's pair: the first path reaching the
   most-voted answer and the first reaching the least-voted one (ties: the
   lexicographically largest answer, the mirror of the vote's own tie rule),
@@ -122,18 +125,22 @@ class DirectPreference:
   loss_weights (completion tokens), ref_logprob [B] (the frozen reference's summed
   completion log-prob), pair_weight [B] (a pair's weight on both its rows; 0 = padding)."""
   beta: float = 0.1
+  nll_coef: float = 0.0
   vocab_limit: int | None = None
 
   def __call__(self, logits, batch, ctx=None):
     del ctx
     lp = token_logprobs(logits, batch["targets"], self.vocab_limit)
-    seq = jnp.sum(lp * batch["loss_weights"].astype(jnp.float32), -1)       # [B]
+    tw = batch["loss_weights"].astype(jnp.float32)
+    seq = jnp.sum(lp * tw, -1)                                              # [B]
     rel = (seq - batch["ref_logprob"]).reshape(-1, 2)                       # [pairs, 2]
     margin = self.beta * (rel[:, 0] - rel[:, 1])
     w = batch["pair_weight"].astype(jnp.float32).reshape(-1, 2)[:, 0]
-    loss = -jax.nn.log_sigmoid(margin)
+    chosen_nll = -seq.reshape(-1, 2)[:, 0] / jnp.maximum(jnp.sum(tw, -1).reshape(-1, 2)[:, 0], 1.0)
+    loss = -jax.nn.log_sigmoid(margin) + self.nll_coef * chosen_nll
     real = (w > 0).astype(jnp.float32)
     n = jnp.maximum(jnp.sum(real), 1.0)
     aux = {"dpo_accuracy": jnp.sum((margin > 0) * real) / n,
-           "dpo_margin": jnp.sum(margin * real) / n}
+           "dpo_margin": jnp.sum(margin * real) / n,
+           "chosen_nll": jnp.sum(chosen_nll * real) / n}
     return jnp.sum(w * loss), jnp.sum(real), aux

@@ -10,6 +10,11 @@ were sampled with; completion = the path's CoT target (as SFT trains on it)
 plus EOS. The reference is the round's starting model, frozen (iterative DPO,
 as ScPO); its summed completion log-probs are computed once per round.
 
+The loss is ScPO's: the weighted DPO loss (beta = vote_dpo.beta) plus
+vote_dpo.nll_coef times the chosen path's length-normalised NLL, weighted
+alike (`objectives.DirectPreference`; nll_coef=0 is plain DPO, which drove the
+demo's model to ~0% in BENCHMARKS.md).
+
 Training is `train.train` with `objectives.DirectPreference` as the loss (so
 checkpoints, resume after a kill, preemption and the non-finite check are the
 SFT learner's): train.num_steps steps of train.batch_size rows (batch_size/2
@@ -139,8 +144,8 @@ def train_round(ctx: RunContext, lm, r: int, out_dir: str):
     start = dataclasses.replace(lm, state=jax.tree.map(lambda x: x.copy(), lm.state))
     new = train_lib.train(start, batches, tcfg, out_dir, config_json=c.to_json(),
                           desc=os.path.relpath(out_dir, ctx.workdir),
-                          loss_fn=objectives.DirectPreference(c.vote_dpo.beta,
-                                                              ctx.vocab.vocab_size))
+                          loss_fn=objectives.DirectPreference(
+                              c.vote_dpo.beta, c.vote_dpo.nll_coef, ctx.vocab.vocab_size))
   else:
     logging.warning("round %d vote_dpo: no question's vote prefers one answer to another (every "
                     "vote unanimous or tied); the round makes no update", r)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 
 import jax
 import numpy as np
@@ -39,6 +38,7 @@ import numpy as np
 from lmsi_jax import checkpoint as ckpt_lib
 from lmsi_jax import distributed
 from lmsi_jax import fileio
+from lmsi_jax import preemption
 from lmsi_jax import pseudo_labels as pl
 from lmsi_jax import results
 from lmsi_jax import seeds
@@ -182,7 +182,7 @@ def train_round(ctx: RunContext, lm, ref_lm, r: int, questions,
     else:
       params, opt_state = got["params"], got["opt_state"]
       logging.info("round %d vote_rl: resumed from update %d of %d", r, start, total)
-    with train_lib.deferred_stop():   # SIGTERM/SIGINT: save after this batch, then stop
+    with preemption.deferred_stop():   # SIGTERM/SIGINT: save after this batch, then stop
       for k in range(start // s.updates_per_batch, s.steps_per_round):
         cur = dataclasses.replace(lm, state=params)            # the trainer's own weights
         idx = _order(ctx, r, len(questions), s, k)
@@ -210,17 +210,14 @@ def train_round(ctx: RunContext, lm, ref_lm, r: int, questions,
                      np.mean([x for q in recs for x in q["rewards"]]),
                      _mean([q["correct"] for q in recs]), m["loss"], m["clip_frac"])
         done_upd = (k + 1) * s.updates_per_batch
-        stop = train_lib.stop_requested()
+        stop = preemption.stop_requested()
         if (k + 1) % every == 0 or done_upd == total or stop:
           if not ckpt.save(done_upd, params, opt_state, {"batch": k + 1},
                            {**meta, "step": done_upd}):
             raise RuntimeError(f"round {r} vote_rl: checkpoint save for update {done_upd} refused")
         if stop:
-          ckpt.wait()
-          raise train_lib.Preempted(stop, f"preempted by {signal.Signals(stop).name}: round {r} "
-                                          f"vote_rl saved a checkpoint at update {done_upd} of "
-                                          f"{total} in {ckpt.directory}; rerun the same command "
-                                          "to resume")
+          preemption.stop_after_save(stop, ckpt, f"round {r} vote_rl saved a checkpoint at "
+                                                 f"update {done_upd} of {total}")
   new = dataclasses.replace(lm, state=params)
   summary = _summary(ctx, roll_dir, s)
   if not st.done:
