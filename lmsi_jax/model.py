@@ -14,9 +14,12 @@ factors), and `layer_types` + `sliding_window` + `rope_local_theta`
 (interleaved sliding-window and global layers, each kind with its own RoPE
 base). The layers' parameters are stored stacked (`layers` is one Block
 whose parameters have a leading layer axis, logical name "layers", mapped to
-no mesh axis) and applied by ONE `jax.lax.scan` in every mode: training,
-prefill and decode (the KV cache is stacked too, [L, ...], read per layer
-and written once after the scan). A layer's kind (sliding or global) is a
+no mesh axis) and run by ONE layer body (`scan_body`): a `jax.lax.scan` over
+the stacked parameters in training, prefill and `__call__`; the sampler's
+decode loop applies the same body per layer to parameters it sliced once per
+decode chunk (`split_scan_xs`: inside a loop of steps XLA:CPU would copy each
+layer's slice every step). The KV cache is stacked too, [L, ...], read per
+layer and written once after the layers. A layer's kind (sliding or global) is a
 scanned bool when the layers are mixed, a Python bool otherwise. A sliding layer masks
 keys whose slot is `sliding_window` or more before the query's slot (slots
 and positions differ by a constant per row, also with left padding).
