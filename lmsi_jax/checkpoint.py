@@ -11,20 +11,24 @@ previous step as the latest one.
 Restores go onto an abstract tree whose leaves carry the CURRENT mesh's
 shardings, so a checkpoint written on one mesh (or device count) restores on
 any other. Shapes are checked against the checkpoint's metadata first and a
-mismatch names the parameter.
+mismatch names the parameter. A checkpoint written before the layers were stacked
+(one subtree per layer, 'layers/0/attn/q_proj') is read layer by layer and stacked
+into the current layout ('layers/attn/q_proj' [L, ...]).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lmsi_jax import fileio
 from lmsi_jax import model as model_lib
@@ -48,7 +52,7 @@ def key_str(k) -> str:
 
 
 def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
-  """'layers/0/attn/q_proj' -> shape, for arrays, abstract arrays or Orbax metadata.
+  """'layers/attn/q_proj' -> shape, for arrays, abstract arrays or Orbax metadata.
 
   nnx.Variable's `value` level (an attribute in live trees, a dict key in
   metadata) is dropped so both spell a parameter the same way.
@@ -60,6 +64,68 @@ def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
       parts = parts[:-1]
     out["/".join(parts)] = tuple(getattr(leaf, "shape", ()))
   return out
+
+
+_LAYER = re.compile(r"(^|/)layers/(\d+)(/|$)")
+
+
+def _is_per_layer(tree) -> bool:
+  """Whether a tree (or Orbax metadata) holds layers one by one ('layers/0/attn/q_proj', the
+  layout before the layers were stacked) rather than stacked ('layers/attn/q_proj' [L, ...])."""
+  return any(_LAYER.search(p) for p in flat_shapes(tree))
+
+
+def _stacked_leaves(target) -> dict[str, Any]:
+  leaves = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+    parts = [key_str(k) for k in path]
+    leaves["/".join(parts[:-1] if parts and parts[-1] == "value" else parts)] = leaf
+  return leaves
+
+
+def _per_layer_target(saved_md, target):
+  """The abstract tree of a per-layer checkpoint (its own structure, from its metadata) with
+  each layer's slice of the stacked `target`'s shapes and shardings."""
+  stacked = _stacked_leaves(target)
+
+  def one(path, _):
+    parts = [key_str(k) for k in path]
+    name = "/".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+    m = _LAYER.search(name)
+    if m is None:
+      return stacked.get(name)
+    leaf = stacked.get(name[:m.start(2)] + name[m.end(2) + 1:])
+    if leaf is None:
+      return None
+    sh = leaf.sharding
+    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=NamedSharding(
+        sh.mesh, P(*tuple(sh.spec)[1:]) if len(sh.spec) else P()))
+  return jax.tree_util.tree_map_with_path(one, saved_md)
+
+
+def _stack_layers(restored, target):
+  """A per-layer restored tree -> `target`'s stacked structure (each stacked leaf the
+  layers' arrays stacked, on the target's sharding)."""
+  flat = {}
+  for name, x in _stacked_leaves(restored).items():
+    m = _LAYER.search(name)
+    key = name if m is None else name[:m.start(2)] + name[m.end(2) + 1:]
+    flat.setdefault(key, {})[0 if m is None else int(m.group(2))] = x
+  missing = sorted(set(_stacked_leaves(target)) - set(flat))
+  if missing:
+    raise ShapeMismatch(f"'{missing[0]}' is not in the checkpoint")
+
+  def one(path, leaf):
+    parts = [key_str(k) for k in path]
+    xs = flat["/".join(parts[:-1] if parts and parts[-1] == "value" else parts)]
+    if len(xs) == 1 and leaf.shape == getattr(xs[0], "shape", None):
+      return xs[0]
+    if sorted(xs) != list(range(leaf.shape[0])):
+      raise ShapeMismatch(f"'{'/'.join(parts)}': the checkpoint has layers {sorted(xs)}, "
+                          f"the model {leaf.shape[0]}")
+    return jax.jit(lambda *a: jax.numpy.stack(a), out_shardings=leaf.sharding)(
+        *[xs[i] for i in range(leaf.shape[0])])
+  return jax.tree_util.tree_map_with_path(one, target)
 
 
 class ShapeMismatch(ValueError):
@@ -131,16 +197,22 @@ class Checkpointer:
     """
     step = _step(self, step)
     md = self._mngr.item_metadata(step)
-    check_shapes(md["params"], abstract_params)
-    args = {"params": ocp.args.StandardRestore(abstract_params),
-            "data": ocp.args.JsonRestore(), "meta": ocp.args.JsonRestore()}
+    targets = {"params": abstract_params}
     if abstract_opt_state is not None:
       if md.get("opt_state") is None:
         raise ValueError(f"checkpoint step {step} in {self.directory} has no optimizer state")
-      check_shapes(md["opt_state"], abstract_opt_state, "optimizer state")
-      args["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+      targets["opt_state"] = abstract_opt_state
+    args = {"data": ocp.args.JsonRestore(), "meta": ocp.args.JsonRestore()}
+    per_layer = {}                  # items written in the old per-layer layout (layers/0/...)
+    for k, target in targets.items():
+      what = "parameter" if k == "params" else "optimizer state"
+      if _is_per_layer(md[k]) and not _is_per_layer(target):
+        per_layer[k] = target
+        target = _per_layer_target(md[k], target)
+      check_shapes(md[k], target, what)
+      args[k] = ocp.args.StandardRestore(target)
     r = self._mngr.restore(step, args=ocp.args.Composite(**args))
-    out = {k: r[k] for k in args}
+    out = {k: _stack_layers(r[k], per_layer[k]) if k in per_layer else r[k] for k in args}
     out["data"], out["meta"] = out["data"] or {}, out["meta"] or {}
     return out
 

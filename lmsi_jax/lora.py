@@ -13,6 +13,10 @@ intercepts the model's einsum / dot_general calls, creates `<weight>_lora_a` /
 `<weight>_lora_b` as `nnx.LoRAParam`s next to the weight (sharded like it) and adds
 x·A·B·(alpha/r). qwix selects by module path and op name only; our q/k/v/o are
 weights of one Attention module, so `_Provider` also filters by weight name.
+The layers are stacked and scanned, so qwix creates one layer's adapters on a
+template Block and `_template` stacks them onto the model's layers ([L, ...],
+like the weights): a weight has an adapter in every layer, zero (A = B = 0: no
+gradient, so it stays zero) in the layers its targets do not select.
 
 `LoraLM` is an LM whose `state` is only the adapters (what the optimizer, its state
 and the checkpoints hold) and whose `frozen` is the base weights (passed to the
@@ -118,19 +122,24 @@ def _provider_class():
 
   class Provider(qwix.LoraProvider):
 
-    def __init__(self, lcfg: LoraConfig):
+    def __init__(self, lcfg: LoraConfig, num_layers: int):
       # disable_jit: jnp.matmul (the MLP's `@`) is itself jitted; qwix must see its
       # dot_general outside that inner trace to create the adapter variables.
       super().__init__(module_path=".*", rank=lcfg.rank, alpha=float(lcfg.alpha),
                        dropout=float(lcfg.dropout), disable_jit=True)
-      self.lcfg = lcfg
+      self.lcfg, self.num_layers = lcfg, num_layers
 
     def _targeted(self, rhs) -> bool:
       name = flax_util.find_param(rhs, ptq.WithAux)
       if name is None:
         return False
+      if hasattr(flax_util.get_current_module(), name + SUFFIX_A):
+        return True                               # the stacked model: adapters already made
       path = "/".join([*map(str, flax_util.get_current_module_path()), name])
-      return self.lcfg.matches(path)
+      if path.startswith("layers/"):
+        return False
+      # The one-layer template Block: a weight gets adapters if any layer's is selected.
+      return any(self.lcfg.matches(f"layers/{i}/{path}") for i in range(self.num_layers))
 
     def _get_current_rule_and_op_id(self, op_name, **kw):
       # Dropout only where `forward` was given a key (training); evaluation is deterministic.
@@ -174,8 +183,16 @@ class LoraLM:
       return _jit_forward(self.graphdef, self.state, self.frozen, tokens, positions, mask)
 
   def adapter_paths(self) -> list[str]:
-    """'layers.0.attn.q_proj' for every adapted weight."""
-    return sorted({n[:-len(SUFFIX_A)] for n in _by_name(self.state) if n.endswith(SUFFIX_A)})
+    """'layers.0.attn.q_proj' for every adapted weight (per layer)."""
+    return sorted(n for s in _by_name(self.state) if s.endswith(SUFFIX_A)
+                  for n in _layer_paths(s[:-len(SUFFIX_A)], self.cfg, self.lora))
+
+
+def _layer_paths(stacked: str, cfg: model_lib.ModelConfig, lcfg: LoraConfig) -> list[str]:
+  """'layers.attn.q_proj' -> the per-layer names whose weight the targets select."""
+  rest = stacked.split(".", 1)[1]
+  return [f"layers.{i}.{rest}" for i in range(cfg.num_layers)
+          if lcfg.matches(f"layers/{i}/{rest.replace('.', '/')}")]
 
 
 @functools.lru_cache(maxsize=16)
@@ -187,13 +204,20 @@ def _template(cfg: model_lib.ModelConfig, lcfg: LoraConfig, mesh: Mesh, seed: in
   with qwix's rule initialisers (A: he_uniform, B: zeros) by a jitted init.
   """
   import qwix  # pylint: disable=g-import-not-at-top
-  provider = _provider_class()(lcfg)
-  tok = jnp.zeros((1, 1), jnp.int32)
+  provider = _provider_class()(lcfg, cfg.num_layers)
+  x = jnp.zeros((1, 1, cfg.hidden_size), model_lib.DTYPES[cfg.dtype])
+  pos = jnp.zeros((1, 1), jnp.int32)
 
   def build():
     model = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
-    return qwix.apply_lora_to_model(model, provider, tok, tok, model_lib.causal_mask(1),
-                                    rngs=nnx.Rngs(seed))
+    block = qwix.apply_lora_to_model(model_lib.Block(cfg, rngs=nnx.Rngs(0)), provider, x, pos,
+                                     model_lib.causal_mask(1), None, 0, rngs=nnx.Rngs(seed))
+    for path, var in nnx.iter_graph(block):
+      if isinstance(var, nnx.LoRAParam):           # one layer's adapter -> stacked [L, ...]
+        owner = functools.reduce(getattr, path[:-1], model.layers)
+        stacked = jax.tree.map(lambda a: jnp.zeros((cfg.num_layers,) + a.shape, a.dtype), var)
+        setattr(owner, path[-1], nnx.spmd.add_axis(stacked, 0, {nnx.PARTITION_NAME: "layers"}))
+    return qwix.apply_lora_to_model(model, provider, skip_nnx_init=True)
 
   with nnx.use_eager_sharding(False):
     graphdef, abs_lora, _ = nnx.split(nnx.eval_shape(build), nnx.LoRAParam, ...)
@@ -208,9 +232,14 @@ def _template(cfg: model_lib.ModelConfig, lcfg: LoraConfig, mesh: Mesh, seed: in
   def init(key):
     def one(path, x):
       name = _name(path)
-      k = jax.random.fold_in(key, paths.index(name))
-      init_fn = rule.lora_a_initializer if name.endswith(SUFFIX_A) else rule.lora_b_initializer
-      return init_fn(k, x.shape, x.dtype)
+      keys = jax.random.split(jax.random.fold_in(key, paths.index(name)), x.shape[0])
+      if not name.endswith(SUFFIX_A):
+        return jax.vmap(lambda k: rule.lora_b_initializer(k, x.shape[1:], x.dtype))(keys)
+      a = jax.vmap(lambda k: rule.lora_a_initializer(k, x.shape[1:], x.dtype))(keys)
+      chosen = set(_layer_paths(name[:-len(SUFFIX_A)], cfg, lcfg))
+      on = jnp.asarray([f"layers.{i}.{name.split('.', 1)[1][:-len(SUFFIX_A)]}" in chosen
+                        for i in range(x.shape[0])], x.dtype)
+      return a * on.reshape((-1,) + (1,) * (a.ndim - 1))   # unselected layers: A = 0
     return jax.tree_util.tree_map_with_path(one, abs_lora)
 
   return graphdef, abs_lora, shardings, jax.jit(init, out_shardings=shardings)
@@ -274,7 +303,8 @@ def _merge_fn(scale: float, treedef, shardings: tuple):
       name = _name(path)
       if name + SUFFIX_A not in ad:
         return w
-      d = _delta(ad[name + SUFFIX_A], ad[name + SUFFIX_B], w.shape, scale)
+      d = jax.vmap(lambda a, b: _delta(a, b, w.shape[1:], scale))(   # per layer
+          ad[name + SUFFIX_A], ad[name + SUFFIX_B])
       return (w.astype(jnp.float32) + d).astype(w.dtype)
     return jax.tree_util.tree_map_with_path(one, frozen)
   return jax.jit(merge, out_shardings=out_shardings)
@@ -320,12 +350,16 @@ def export_peft(llm: LoraLM, out_dir: str, *, base_model_name_or_path: str = "",
   write = jax.process_index() == 0
   np_dtype = np.dtype(model_lib.DTYPES[dtype or llm.cfg.param_dtype])
   ad, r = _by_name(llm.state), llm.lora.rank
-  tensors, modules = {}, []
+  tensors, modules, gathered = {}, [], {}
   for name in llm.adapter_paths():
     hf_name, _ = layout.hf_entry(name)
     module = hf_name.removesuffix(".weight")
     modules.append(module)
-    a, b = _host(ad[name + SUFFIX_A]), _host(ad[name + SUFFIX_B])
+    _, i, rest = name.split(".", 2)
+    stacked = f"layers.{rest}"
+    if stacked not in gathered:
+      gathered[stacked] = (_host(ad[stacked + SUFFIX_A]), _host(ad[stacked + SUFFIX_B]))
+    a, b = gathered[stacked][0][int(i)], gathered[stacked][1][int(i)]
     tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(
         a.reshape(-1, r).T.astype(np_dtype))
     tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(

@@ -12,9 +12,15 @@ sqrt(hidden)), `query_pre_attn_scalar`, `attn_logit_softcap` /
 `final_logit_softcap`, `rope_type` ("default" | "llama3" | "linear", with its
 factors), and `layer_types` + `sliding_window` + `rope_local_theta`
 (interleaved sliding-window and global layers, each kind with its own RoPE
-base). Per-layer differences are passed into the (shared) block as a flag,
-a Python bool in the unrolled loop and a scanned bool in the remat scan, so
-the scan over stacked layers works for mixed layers. A sliding layer masks
+base). The layers' parameters are stored stacked (`layers` is one Block
+whose parameters have a leading layer axis, logical name "layers", mapped to
+no mesh axis) and run by ONE layer body (`scan_body`): a `jax.lax.scan` over
+the stacked parameters in training, prefill and `__call__`; the sampler's
+decode loop applies the same body per layer to parameters it sliced once per
+decode chunk (`split_scan_xs`: inside a loop of steps XLA:CPU would copy each
+layer's slice every step). The KV cache is stacked too, [L, ...], read per
+layer and written once after the layers. A layer's kind (sliding or global) is a
+scanned bool when the layers are mixed, a Python bool otherwise. A sliding layer masks
 keys whose slot is `sliding_window` or more before the query's slot (slots
 and positions differ by a constant per row, also with left padding).
 The options and presets live in `model_config.py`, RoPE in `rope.py` (both re-exported
@@ -27,8 +33,8 @@ Call signature (one for training, prefill and decode):
 `mask[b, t, s]` says whether query t may attend to key slot s. Without a
 cache S == T; with a cache S is the cache length and the new keys/values are
 written at `cache_index`. Training may pass `remat=` ("full" | "dots", see
-REMAT_POLICIES) to rematerialise each block in the backward pass; sampling
-never does.
+REMAT_POLICIES): the same scan body under `jax.checkpoint` with that policy;
+sampling never does.
 """
 
 from __future__ import annotations
@@ -136,7 +142,9 @@ class Attention(nnx.Module):
     return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(DTYPES[self.cfg.dtype]))
 
   def __call__(self, x, positions, mask, cache, cache_index, local=False):
-    """`local`: this layer is a sliding-window layer (a Python bool, or a traced bool in a scan)."""
+    """(output, {"k","v"} of the new tokens or None). `cache`: this layer's old {"k","v"}
+    [B,S,KV,D] or None (the caller writes the new keys/values at `cache_index`). `local`:
+    this layer is a sliding-window layer (a Python bool, or a traced bool in the scan)."""
     cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
     q, k, v = self.project(x, positions, local)
     if cfg.sliding_window and local is not False:
@@ -152,10 +160,10 @@ class Attention(nnx.Module):
     if cache is not None and t == 1:                                    # one decode step
       out = _decode_attention(q[:, 0], k[:, 0].astype(dt), v[:, 0].astype(dt), cache["k"].astype(dt),
                               cache["v"].astype(dt), mask[:, 0], cache_index, cap).reshape(b, t, h, hd)
-    if cache is not None:
+    new_kv = None if cache is None else {"k": k, "v": v}
+    if cache is not None and t > 1:
       k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
-      cache = {"k": k, "v": v}
     if cache is None or t > 1:
       # KV heads repeated to the query heads: plain 4-D einsums run ~2x faster on
       # XLA:CPU (forward + backward) than the grouped 5-D form, for the same math.
@@ -167,7 +175,7 @@ class Attention(nnx.Module):
       scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(scores, axis=-1).astype(dt)
       out = jnp.einsum("bhts,bshd->bthd", probs, v)
-    return self.output(out), cache
+    return self.output(out), new_kv
 
 
 def _select(local, a, b, d: int, theta: float):
@@ -256,13 +264,14 @@ class Block(nnx.Module):
 
 
 class Llama(nnx.Module):
-  """The decoder. `cache` is a list (one per layer) of {"k","v"}: [B,S,KV,D]."""
+  """The decoder. `layers` is ONE Block whose parameters are stacked on a leading layer axis
+  (logical name "layers"); `cache` is {"k","v"}: [L,B,S,KV,D]."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     pd = DTYPES[cfg.param_dtype]
     self.cfg = cfg
     self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
-    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.layers = stack_blocks([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, pd, rngs=rngs, offset=cfg.norm_offset)
     if not cfg.tie_embeddings:
       self.lm_head = _kernel(cfg, rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
@@ -278,33 +287,48 @@ class Llama(nnx.Module):
       raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
     if remat != "none" and cache is not None:
       raise ValueError("remat is for training (no KV cache)")
-    x = self.embed_tokens(tokens)
-    new_cache = [] if cache is not None else None
-    if cache is None and remat != "none":
-      # A scan over the layers (their parameters stacked: one extra copy) with a
-      # rematerialised body: each layer is recomputed inside the backward loop, where no
-      # scheduler can hoist it back next to the forward pass (XLA:CPU's does for an
-      # unrolled loop of checkpointed blocks, which then saves little memory).
-      graphdef = nnx.graphdef(self.layers[0])
-      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(l) for l in self.layers])
-      # Mixed sliding/global layers: each layer's kind is scanned along as a bool.
-      kinds = [self.cfg.is_local(i) for i in range(self.cfg.num_layers)]
-      mixed = len(set(kinds)) > 1
-      flags = jnp.asarray(kinds) if mixed else None
-
-      def body(x, xs):
-        st, flag = xs
-        local = flag if mixed else kinds[0]
-        return nnx.merge(graphdef, st)(x, positions, mask, None, 0, local)[0], None
-
-      x, _ = jax.lax.scan(jax.checkpoint(body, policy=REMAT_POLICIES[remat]), x, (stacked, flags))
+    body = self.scan_body(lambda block, x, c, local: block(x, positions, mask, c, cache_index,
+                                                           local))
+    if remat != "none":
+      # Rematerialised: each layer is recomputed inside the backward loop, where no
+      # scheduler can hoist it back next to the forward pass.
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+    x, new_kv = jax.lax.scan(body, self.embed_tokens(tokens), self.scan_xs(cache))
+    if cache is None:
       return self.final_norm(x), None
-    for i, layer in enumerate(self.layers):
-      x, c = layer(x, positions, mask, None if cache is None else cache[i], cache_index,
-                   self.cfg.is_local(i))
-      if cache is not None:
-        new_cache.append(c)
-    return self.final_norm(x), new_cache
+    return self.final_norm(x), {n: jax.lax.dynamic_update_slice_in_dim(
+        cache[n], new_kv[n].astype(cache[n].dtype), cache_index, axis=2) for n in ("k", "v")}
+
+  def scan_xs(self, per_layer=None):
+    """What the scan over layers reads per layer: (parameters, kind flag, `per_layer`: a
+    pytree with a leading layer axis, e.g. the KV cache, or None)."""
+    kinds = [self.cfg.is_local(i) for i in range(self.cfg.num_layers)]
+    flags = jnp.asarray(kinds) if len(set(kinds)) > 1 else None
+    return nnx.state(self.layers, nnx.Param), flags, per_layer
+
+  def split_scan_xs(self, per_layer=None) -> list:
+    """`scan_xs(per_layer)` sliced per layer: L trees, each what one step of the scan reads.
+    Decoding slices once per decode call, outside its loop over steps, and applies `scan_body`
+    per layer (segments.segment_layers(split=...)): inside a loop, XLA:CPU copies a scanned
+    layer's slice of every stacked weight on every step instead of reading it in place (decode
+    was 1.4x slower for it, BENCHMARKS.md). MaxText likewise decodes with scan_layers=False."""
+    xs = self.scan_xs(per_layer)
+    return [jax.tree.map(lambda a, i=i: a[i], xs) for i in range(self.cfg.num_layers)]
+
+  def scan_body(self, fn):
+    """The scan body over `scan_xs`: fn(block, x, per_layer slice, local) -> (x, y). Mixed
+    sliding/global layers get their kind as a scanned bool, uniform ones a Python bool.
+    State other than parameters (LoRA dropout's RNG) is shared by every layer."""
+    graphdef, _, rest = nnx.split(self.layers, nnx.Param, ...)
+    uniform = self.cfg.is_local(0)
+
+    def body(x, xs):
+      params, flag, per_layer = xs
+      params = nnx.spmd.remove_axis(jax.tree.map(lambda v: v, params), 0,   # fresh Variables
+                                    {nnx.PARTITION_NAME: "layers"})
+      block = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))   # fresh Variables
+      return fn(block, x, per_layer, uniform if flag is None else flag)
+    return body
 
   def embed_tokens(self, tokens):
     """[B,T] ids -> [B,T,hidden] inputs of the first block (compute dtype)."""
@@ -323,14 +347,23 @@ class Llama(nnx.Module):
       logits = cap * jnp.tanh(logits / cap)
     return logits
 
-  def init_cache(self, batch: int, length: int, dtype=None) -> list[dict[str, jax.Array]]:
+  def init_cache(self, batch: int, length: int, dtype=None) -> dict[str, jax.Array]:
     cfg = self.cfg
     dtype = dtype or DTYPES[cfg.dtype]
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-CACHE_LOGICAL = ("batch", "cache_length", "kv_heads", "head_dim")
+CACHE_LOGICAL = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+
+
+def stack_blocks(blocks: list[Block]) -> Block:
+  """One Block holding the blocks' parameters stacked on a new leading axis ("layers").
+  Built from per-layer Blocks so that a model's initial weights do not depend on the
+  layout (the same random draws, in the same order, as one Block per layer)."""
+  graphdef = nnx.graphdef(blocks[0])
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
+  return nnx.merge(graphdef, nnx.spmd.add_axis(stacked, 0, {nnx.PARTITION_NAME: "layers"}))
 
 
 def causal_mask(length: int, valid=None):

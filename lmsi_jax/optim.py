@@ -96,11 +96,12 @@ def learning_rate_schedule(tcfg: TrainConfig) -> optax.Schedule:
 
 
 def decay_mask(tcfg: TrainConfig) -> Callable[[Any], Any]:
-  """params -> bool tree: no decay on norms/biases (ndim < 2 or name has norm/bias);
-  embeddings (`embed`, `lm_head`) only if `decay_embeddings`."""
+  """params -> bool tree: no decay on norms/biases (ndim < 2 per layer, or name has
+  norm/bias); embeddings (`embed`, `lm_head`) only if `decay_embeddings`."""
   def leaf(path, x) -> bool:
     parts = [ckpt_lib.key_str(k) for k in path]
-    if x.ndim < 2 or any("norm" in p or "bias" in p for p in parts):
+    per_layer_ndim = x.ndim - (parts[:1] == ["layers"])       # stacked layers' leading axis
+    if per_layer_ndim < 2 or any("norm" in p or "bias" in p for p in parts):
       return False
     return tcfg.decay_embeddings or not {"embed", "lm_head"} & set(parts)
   return lambda params: jax.tree_util.tree_map_with_path(leaf, params)

@@ -9,7 +9,8 @@ key axis and normalised by one softmax, so the result is the attention over
 the concatenated keys (the same math as one cache holding the whole row),
 with each segment stored once.
 
-A `Segment` is (k, v, valid, pos): k/v [Bk,S,KV,D] with Bk = 1 (shared by
+The layers run as one scan over their stacked parameters and stacked KV
+([L, ...] arrays). A `Segment` is one layer's (k, v, valid, pos): k/v [Bk,S,KV,D] with Bk = 1 (shared by
 every row) or B; `valid` [B or 1, T or 1, S] says which keys each query may
 see; `pos` [B or 1, S] are the keys' positions (for sliding-window layers).
 """
@@ -74,8 +75,9 @@ def _weighted(p, v):
   return jnp.einsum("btkgs,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
 
 
-def attend(attn: model_lib.Attention, q, qpos, segments: list[Segment], local: bool):
-  """Softmax attention of q [B,T,H,D] (positions qpos [B,T]) over the concatenated segments."""
+def attend(attn: model_lib.Attention, q, qpos, segments: list[Segment], local):
+  """Softmax attention of q [B,T,H,D] (positions qpos [B,T]) over the concatenated segments.
+  `local`: a sliding-window layer (a Python bool, or a traced bool in the scan over layers)."""
   cfg = attn.cfg
   dt = model_lib.DTYPES[cfg.dtype]
   b, t, h, hd = q.shape
@@ -89,9 +91,9 @@ def attend(attn: model_lib.Attention, q, qpos, segments: list[Segment], local: b
     if cap:
       s = cap * jnp.tanh(s / cap)
     valid = seg.valid
-    if cfg.sliding_window and local:
+    if cfg.sliding_window and local is not False:
       near = (qpos[:, :, None] - seg.pos[:, None, :]) < cfg.sliding_window
-      valid = valid & near
+      valid = valid & (near if local is True else near | ~local)
     parts.append(jnp.where(valid[:, :, None, None, :], s, NEG))
   probs = jax.nn.softmax(jnp.concatenate(parts, -1), axis=-1).astype(dt)
   out, start = 0.0, 0
@@ -102,25 +104,36 @@ def attend(attn: model_lib.Attention, q, qpos, segments: list[Segment], local: b
   return attn.output(out.astype(dt).reshape(b, t, h, hd))
 
 
-def segment_layers(model: model_lib.Llama, tokens, positions, layer_segments, self_valid):
-  """Runs every block on `tokens` [B,T] at `positions` [B,T].
+def segment_layers(model: model_lib.Llama, tokens, positions, stored, layer_segments, self_valid,
+                   split=None):
+  """Runs every block on `tokens` [B,T] at `positions` [B,T]: one scan over the stacked layers.
 
-  layer_segments(i) -> the stored segments layer i attends to; the new tokens'
+  `stored`: a pytree whose leaves have a leading layer axis (the layers' stored KV), or
+  None; layer_segments(slice of `stored`) -> that layer's stored segments. The new tokens'
   own keys are appended as a last segment with `self_valid` [B or 1, T, T].
-  Returns (final-norm hidden [B,T,hidden], [(k, v)] per layer of the new tokens).
+  `split` (decoding): `model.split_scan_xs(fixed)`, the parameters and the loop-invariant
+  stored KV `fixed` (a tuple) already sliced per layer; the same scan body then runs per layer
+  on them, each layer's stored tuple being its slice of `fixed` followed by its slice of
+  `stored` (a tuple too).
+  Returns (final-norm hidden [B,T,hidden], {"k","v"} [L,B,T,KV,D] of the new tokens).
   """
-  cfg = model.cfg
-  x = model.embed_tokens(tokens)
-  new_kv = []
-  for i, block in enumerate(model.layers):
-    local = cfg.is_local(i)
+  def layer(block, x, stored_i, local):
     q, k, v = block.attn.project(block.attn_norm(x), positions, local)
-    segs = list(layer_segments(i)) + [Segment(k, v, self_valid, positions)]
+    segs = list(layer_segments(stored_i)) + [Segment(k, v, self_valid, positions)]
     h = attend(block.attn, q, positions, segs, local)
     if block.post_norms:
       h = block.attn_post_norm(h)
     x = x + h
     m = block.mlp(block.mlp_norm(x))
-    x = x + (block.mlp_post_norm(m) if block.post_norms else m)
-    new_kv.append((k, v))
+    return x + (block.mlp_post_norm(m) if block.post_norms else m), {"k": k, "v": v}
+
+  body, x = model.scan_body(layer), model.embed_tokens(tokens)
+  if split is None:
+    x, new_kv = jax.lax.scan(body, x, model.scan_xs(stored))
+  else:
+    ys = []
+    for i, (params, flag, fixed) in enumerate(split):
+      x, y = body(x, (params, flag, tuple(fixed) + jax.tree.map(lambda a, i=i: a[i], stored)))
+      ys.append(y)
+    new_kv = jax.tree.map(lambda *a: jnp.stack(a), *ys)
   return model.final_norm(x), new_kv

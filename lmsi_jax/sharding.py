@@ -33,6 +33,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("length", None),
     ("cache_length", None),
+    ("layers", None),           # the stacked layers' leading axis (scanned, never sharded)
 )
 _RULES = dict(RULES)
 

@@ -1,5 +1,8 @@
 """Checkpoints: round trip, restore onto other meshes / device counts, shape errors."""
+import os
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -43,14 +46,14 @@ def test_round_trip_same_mesh(mesh8, saved):
   r, step = _restore_on(mesh8, d)
   assert r["data"] == {"epoch": 1, "row": 5} and r["meta"] == {"round": 2}
   assert jax.tree.structure(r["params"]) == jax.tree.structure(step.abstract_params)
-  assert isinstance(r["params"]["layers"][0]["mlp"]["gate_proj"][...], jax.Array)  # int keys kept
+  assert isinstance(r["params"]["layers"]["mlp"]["gate_proj"][...], jax.Array)
   for got, want in ((tw.flat_params(r["params"]), params), (tw.flat_params(r["opt_state"]), opt)):
     assert got.keys() == want.keys()
     for k in want:
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-  gate = r["params"]["layers"][0]["mlp"]["gate_proj"][...]
-  assert gate.sharding.spec == P("fsdp", "model")
-  mu = r["opt_state"][1][0].mu["layers"][0]["mlp"]["gate_proj"][...]
+  gate = r["params"]["layers"]["mlp"]["gate_proj"][...]
+  assert gate.sharding.spec == P(None, "fsdp", "model")
+  mu = r["opt_state"][1][0].mu["layers"]["mlp"]["gate_proj"][...]
   assert mu.sharding == gate.sharding
 
 
@@ -64,8 +67,9 @@ def test_restore_onto_other_mesh(saved, shape, ndev):
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   for x, s in zip(jax.tree.leaves(r["params"]), jax.tree.leaves(step.param_shardings)):
     assert x.sharding == s and len(x.sharding.device_set) == ndev
-  gate = r["params"]["layers"][1]["mlp"]["gate_proj"][...]
-  assert gate.sharding.spec == (P("fsdp", None) if shape == (4, 2, 1) else P(None, "model"))
+  gate = r["params"]["layers"]["mlp"]["gate_proj"][...]
+  assert gate.sharding.spec == (P(None, "fsdp", None) if shape == (4, 2, 1) else
+                                P(None, None, "model"))
 
 
 def test_restore_params_from_workdir_or_dir(saved):
@@ -85,11 +89,34 @@ def test_restore_params_from_workdir_or_dir(saved):
 def test_shape_mismatch_names_parameter(mesh8, saved, tmp_path):
   d, _, _ = saved
   bigger = model_lib.ModelConfig(**{**tw.CFG, "intermediate_size": 96})
-  with pytest.raises(ValueError, match=r"parameter 'layers/0/mlp/down_proj' has shape \(64, 32\) "
-                                       r"in the checkpoint but \(96, 32\) in the model"):
+  with pytest.raises(ValueError, match=r"parameter 'layers/mlp/down_proj' has shape \(2, 64, 32\) "
+                                       r"in the checkpoint but \(2, 96, 32\) in the model"):
     ckpt_lib.restore_params(d, bigger, mesh8)
   deeper = model_lib.ModelConfig(**{**tw.CFG, "num_layers": 3})
-  with pytest.raises(ValueError, match=r"parameter 'layers/2/attn/k_proj' .* is not in the checkpoint"):
+  with pytest.raises(ValueError, match=r"parameter 'layers/attn/k_proj' has shape \(2, 32, 2, 8\) in "
+                                       r"the checkpoint but \(3, 32, 2, 8\) in the model"):
     ckpt_lib.restore_params(d, deeper, mesh8)
   with pytest.raises(FileNotFoundError, match="no checkpoint in"):
     ckpt_lib.restore_params(str(tmp_path), CFG, mesh8)
+
+
+OLD_LAYOUT = os.path.join(os.path.dirname(__file__), "fixtures", "old_layout")
+
+
+def test_per_layer_checkpoint_loads_into_stacked_layers(mesh8):
+  """A checkpoint written before the layers were stacked (params 'layers/0/attn/q_proj', ...;
+  tests/fixtures/old_layout, made once by that code with tw.CFG, seed 7, plus its logits) is
+  stacked on restore and gives the same logits, on another mesh than it was written on."""
+  with ckpt_lib._open(OLD_LAYOUT) as ckpt:  # pylint: disable=protected-access
+    md = ckpt._mngr.item_metadata(3)  # pylint: disable=protected-access
+  assert "layers/0/attn/q_proj" in ckpt_lib.flat_shapes(md["params"])
+  lm = ckpt_lib.restore_params(OLD_LAYOUT, CFG, mesh8)
+  assert lm.state["layers"]["attn"]["q_proj"][...].shape == (2, 32, 4, 8)
+  tokens = jnp.asarray(np.arange(16).reshape(2, 8) * 7 % 128, jnp.int32)
+  logits, _ = lm(tokens, jnp.broadcast_to(jnp.arange(8), (2, 8)), model_lib.causal_mask(8))
+  np.testing.assert_allclose(np.asarray(logits), np.load(os.path.join(OLD_LAYOUT, "logits.npy")),
+                             atol=1e-6, rtol=1e-6)
+  deeper = model_lib.ModelConfig(**{**tw.CFG, "num_layers": 3})
+  with pytest.raises(ValueError, match=r"parameter 'layers/attn/k_proj' .* is not in the model|"
+                                       r"the checkpoint has layers \[0, 1\], the model 3"):
+    ckpt_lib.restore_params(OLD_LAYOUT, deeper, mesh8)

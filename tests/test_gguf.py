@@ -157,9 +157,10 @@ def test_tiny_gguf_loads_sharded_and_matches_reference(tmp_path, mesh8, arch):
       384, D, H, KV, 16)
   assert cfg.qkv_bias == (arch == "qwen2")
   assert not cfg.tie_embeddings and vocab.vocab_size == 260 and vocab.eos_id == 1
-  q = lm.state["layers"][1]["attn"]["q_proj"][...]
-  assert q.sharding.spec == P("fsdp", "model", None)
-  assert q.addressable_shards[0].data.shape == (D // 2, H // 2, 16)
+  stacked = lm.state["layers"]["attn"]["q_proj"][...]                   # [layers, D, H, Dh]
+  assert stacked.sharding.spec == P(None, "fsdp", "model", None)
+  assert stacked.addressable_shards[0].data.shape == (2, D // 2, H // 2, 16)
+  q = stacked[1]
   np.testing.assert_array_equal(  # un-permuted, dequantised, [D,H,Dh]
       np.asarray(q), ref["model.layers.1.self_attn.q_proj.weight"].reshape(H, 16, D).transpose(2, 0, 1))
   emb = np.asarray(lm.state["embed"][...])

@@ -77,9 +77,10 @@ def test_llama_sharded_import_matches_transformers(llama_dir, mesh8):
   cfg = lm.cfg
   assert (cfg.vocab_size, cfg.head_dim, cfg.rope_theta, cfg.tie_embeddings, cfg.qkv_bias) == (
       384, 32, 50_000.0, False, False)
-  q = lm.state["layers"][1]["attn"]["q_proj"][...]
-  assert q.sharding.spec == P("fsdp", "model", None)
-  assert q.addressable_shards[0].data.shape == (32, 2, 32)
+  stacked = lm.state["layers"]["attn"]["q_proj"][...]                   # [layers, D, H, Dh]
+  assert stacked.sharding.spec == P(None, "fsdp", "model", None)
+  assert stacked.addressable_shards[0].data.shape == (2, 32, 2, 32)
+  q = stacked[1]
   ref_q = model.model.layers[1].self_attn.q_proj.weight.detach().numpy()       # [H*Dh, D]
   np.testing.assert_array_equal(np.asarray(q), ref_q.reshape(4, 32, 64).transpose(2, 0, 1))
   head = lm.state["lm_head"][...]
@@ -105,15 +106,15 @@ def test_llama_export_roundtrip(llama_dir, mesh8, tmp_path):
   assert tok(text, add_special_tokens=False)["input_ids"] == list(vocab.encode(text))
   lm2, vocab2 = load_checkpoint(out, mesh8)
   assert isinstance(vocab2, seqio.ByteVocabulary) and lm2.cfg == lm.cfg
-  np.testing.assert_array_equal(np.asarray(lm2.state["layers"][0]["attn"]["o_proj"][...]),
-                                np.asarray(lm.state["layers"][0]["attn"]["o_proj"][...]))
+  np.testing.assert_array_equal(np.asarray(lm2.state["layers"]["attn"]["o_proj"][...][0]),
+                                np.asarray(lm.state["layers"]["attn"]["o_proj"][...][0]))
 
 
 def test_qwen2_tied_import_and_export(qwen2_dir, mesh8, tmp_path):
   path, model = qwen2_dir
   lm, vocab = load_checkpoint(path, mesh8)
   assert lm.cfg.qkv_bias and lm.cfg.tie_embeddings and "lm_head" not in lm.state
-  kb = np.asarray(lm.state["layers"][0]["attn"]["k_bias"][...])
+  kb = np.asarray(lm.state["layers"]["attn"]["k_bias"][...][0])
   np.testing.assert_array_equal(kb.reshape(-1), model.model.layers[0].self_attn.k_proj.bias.detach().numpy())
   np.testing.assert_allclose(_our_logits(lm)[..., :300], _hf_logits(model), atol=1e-4, rtol=1e-4)
   out = export_hf(lm, vocab, str(tmp_path / "qwen_out"))          # vocab -> tokenizer size 259

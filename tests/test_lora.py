@@ -95,8 +95,9 @@ def test_only_adapters_train_and_hold_optimizer_state(trained):
   # Every adapter B moved off zero; adapters keep their shardings (A like W's input dims).
   flat = tw.flat_params(out.state)
   assert all(np.abs(v).max() > 0 for k, v in flat.items() if k.endswith("_lora_b"))
-  q_a = out.state["layers"][0]["attn"]["q_proj_lora_a"][...]
-  assert q_a.shape == (32, 4) and q_a.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+  q_a = out.state["layers"]["attn"]["q_proj_lora_a"][...]                # stacked: [L, in, r]
+  assert q_a.shape == (2, 32, 4)
+  assert q_a.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
   # Optimizer state: moments only for the adapters (shapes of LoRA params, nothing else).
   step = train_lib.make_train_step(out, _tcfg())
   opt = step.init(out.state)
@@ -122,7 +123,7 @@ def test_merged_logits_equal_adapter_logits(trained):
   tokens = tw.make_batch(np.random.default_rng(5), 8, 16)["tokens"]
   merged = lora.merge(out)
   assert isinstance(merged, model_lib.LM) and merged.graphdef == out.base_graphdef
-  assert "q_proj_lora_a" not in merged.state["layers"][0]["attn"]     # a plain model
+  assert "q_proj_lora_a" not in merged.state["layers"]["attn"]     # a plain model
   np.testing.assert_allclose(_logits(merged, tokens), _logits(out, tokens), atol=2e-5, rtol=1e-5)
   # ... and same shardings as the base (samplers get what they always got).
   for a, b in zip(jax.tree.leaves(merged.state), jax.tree.leaves(out.frozen)):
@@ -153,7 +154,7 @@ def test_checkpoint_holds_the_adapter_only(trained):
   with pytest.raises(ValueError, match=r"holds LoRA adapters only \(train\.lora\.rank=4\)"):
     loading.load_any(workdir, lm.mesh)
   # A different rank is a named shape mismatch, not a silent restart.
-  with pytest.raises(ckpt_lib.ShapeMismatch, match=r"_proj_lora_a' has shape \(4, 8, 4\)"):
+  with pytest.raises(ckpt_lib.ShapeMismatch, match=r"_proj_lora_a' has shape \(2, 4, 8, 4\)"):
     lora.restore(workdir, lm, dataclasses.replace(LCFG, rank=2))
 
 

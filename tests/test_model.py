@@ -27,13 +27,13 @@ def test_params_created_sharded(mesh8):
   cfg = model_lib.preset("tiny")
   lm = model_lib.LM.init(cfg, mesh8, seed=0)
   st = lm.state
-  gate = st["layers"][0]["mlp"]["gate_proj"][...]
-  assert gate.sharding.spec == P("fsdp", "model")
+  gate = st["layers"]["mlp"]["gate_proj"][...]         # stacked: [layers, embed, mlp]
+  assert gate.sharding.spec == P(None, "fsdp", "model")
   assert st["embed"][...].sharding.spec == P("model", "fsdp")
-  assert st["layers"][1]["attn"]["o_proj"][...].sharding.spec == P("model", None, "fsdp")
+  assert st["layers"]["attn"]["o_proj"][...].sharding.spec == P(None, "model", None, "fsdp")
   # each device holds only its shard
   shard = gate.addressable_shards[0].data
-  assert shard.shape == (cfg.hidden_size // 2, cfg.intermediate_size // 2)
+  assert shard.shape == (cfg.num_layers, cfg.hidden_size // 2, cfg.intermediate_size // 2)
   n = sum(x.size for x in jax.tree.leaves(st))
   assert n == cfg.num_params()
   assert 80_000 < n < 150_000
@@ -45,8 +45,8 @@ def test_indivisible_axis_falls_back_to_replicated(mesh8):
   cfg = model_lib.ModelConfig(vocab_size=256, hidden_size=48, num_layers=1, num_heads=6,
                               num_kv_heads=3, intermediate_size=64)
   lm = model_lib.LM.init(cfg, mesh8)
-  k = lm.state["layers"][0]["attn"]["k_proj"][...]
-  assert k.sharding.spec == P("fsdp", None, None)
+  k = lm.state["layers"]["attn"]["k_proj"][...]
+  assert k.sharding.spec == P(None, "fsdp", None, None)
 
 
 def test_init_deterministic_and_seed_dependent(mesh8):
@@ -91,7 +91,7 @@ def test_forward_variants_and_padding_invariance(mesh8, tie, bias):
                               num_kv_heads=2, intermediate_size=64, tie_embeddings=tie, qkv_bias=bias)
   lm = model_lib.LM.init(cfg, mesh8, seed=3)
   if bias:
-    assert "q_bias" in lm.state["layers"][0]["attn"]
+    assert "q_bias" in lm.state["layers"]["attn"]
   toks = np.array([[5, 6, 7, 8, 9, 10, 11, 12]] * 8, np.int32)
   pos = np.broadcast_to(np.arange(8), (8, 8))
   logits, _ = lm(toks, pos, model_lib.causal_mask(8))

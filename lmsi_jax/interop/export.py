@@ -185,17 +185,22 @@ def save_tokenizer(source, out_dir: str, *, write: bool = True) -> seqio.Vocabul
   return vocab
 
 
-def _plan_shards(lm: model_lib.LM, dtype, max_shard_size: int) -> list[list[tuple[str, Any]]]:
-  """Groups (name, leaf) pairs into shard files of at most `max_shard_size` bytes (one tensor may exceed)."""
-  shards: list[list[tuple[str, Any]]] = [[]]
+def _plan_shards(lm: model_lib.LM, dtype, max_shard_size: int) -> list[list[tuple[str, Any, Any]]]:
+  """Groups (name, leaf, layer index or None) into shard files of at most `max_shard_size`
+  bytes (one tensor may exceed); a stacked layer parameter gives one tensor per layer."""
+  shards: list[list[tuple[str, Any, Any]]] = [[]]
   size = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(lm.state):
-    nbytes = math.prod(leaf.shape) * np.dtype(dtype).itemsize
-    if shards[-1] and size + nbytes > max_shard_size:
-      shards.append([])
-      size = 0
-    shards[-1].append((layout.param_name(path), leaf))
-    size += nbytes
+    name = layout.param_name(path)
+    parts = ([(name, None)] if not name.startswith("layers.") else
+             [(n, i) for i, n in enumerate(layout.layer_names(name, lm.cfg.num_layers))])
+    for n, i in parts:
+      nbytes = math.prod(leaf.shape[0 if i is None else 1:]) * np.dtype(dtype).itemsize
+      if shards[-1] and size + nbytes > max_shard_size:
+        shards.append([])
+        size = 0
+      shards[-1].append((n, leaf, i))
+      size += nbytes
   return shards
 
 
@@ -235,9 +240,12 @@ def export_hf(lm: model_lib.LM, vocab_or_tokenizer_source, out_dir: str, *,
   weight_map, total = {}, 0
   for file, shard in zip(names, shards):
     tensors = {}
-    for name, leaf in shard:
+    gathered = (None, None)
+    for name, leaf, layer in shard:
       hf_name, kind = layout.hf_entry(name, lm.cfg)
-      host = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+      if gathered[0] is not leaf:              # a stacked leaf is gathered once per file
+        gathered = (leaf, np.asarray(multihost_utils.process_allgather(leaf, tiled=True)))
+      host = gathered[1] if layer is None else gathered[1][layer]
       tensors[hf_name] = np.ascontiguousarray(layout.to_hf(kind, host, real_vocab).astype(np_dtype))
       weight_map[hf_name] = file
       total += tensors[hf_name].nbytes

@@ -3,7 +3,9 @@
 Our tensors and HF's differ by transposes, head reshapes and vocabulary
 padding. Each parameter has a *kind*; `read_shard` turns an index into our
 layout into a read of the matching block of the HF tensor (`[out, in]`
-matrices, `[n]` vectors), so a device reads only what it holds. A `Source`
+matrices, `[n]` vectors), so a device reads only what it holds. Our layers'
+parameters are stacked ([L, ...], path 'layers.attn.q_proj'); HF has one tensor
+per layer ('model.layers.3.self_attn.q_proj.weight'): stacked on import, sliced on export. A `Source`
 is any object with `shape` (HF order) and `read(index)`; safetensors slices
 and GGUF tensors both are.
 """
@@ -66,8 +68,15 @@ def param_name(path) -> str:
   return ".".join(parts)
 
 
+def layer_names(name: str, num_layers: int) -> list[str]:
+  """Per-layer names of a stacked parameter: 'layers.attn.q_proj' -> ['layers.0.attn.q_proj', ...]."""
+  rest = name.split(".", 1)[1]
+  return [f"layers.{i}.{rest}" for i in range(num_layers)]
+
+
 def hf_entry(name: str, cfg: model_lib.ModelConfig | None = None) -> tuple[str, str]:
-  """(HF tensor name, kind) for one of our parameter names (of a model with config `cfg`)."""
+  """(HF tensor name, kind) for one of our parameter names (of a model with config `cfg`);
+  a layer's parameter is named per layer ('layers.3.attn.q_proj', see `layer_names`)."""
   if name in _TOP_PARAMS:
     return _TOP_PARAMS[name]
   _, i, rest = name.split(".", 2)
@@ -179,15 +188,23 @@ def build_state(cfg: model_lib.ModelConfig, mesh, real_vocab: int,
 
   def load(path, leaf: jax.ShapeDtypeStruct):
     name = param_name(path)
-    hf_name, kind = hf_entry(name, cfg)
-    src = get_source(name, hf_name, hf_shape(kind, leaf.shape, real_vocab))
+    if name in _TOP_PARAMS:
+      hf_name, kind = hf_entry(name, cfg)
+      src = get_source(name, hf_name, hf_shape(kind, leaf.shape, real_vocab))
+      read = lambda index: read_shard(kind, src, leaf.shape, index)  # noqa: E731
+    else:                                      # stacked layers: one HF tensor per layer
+      srcs = []
+      for i, layer_name in enumerate(layer_names(name, cfg.num_layers)):
+        hf_name, kind = hf_entry(layer_name, cfg)
+        srcs.append(get_source(layer_name, hf_name, hf_shape(kind, leaf.shape[1:], real_vocab)))
+      read = lambda index: np.stack([read_shard(kind, srcs[i], leaf.shape[1:], index[1:])  # noqa: E731
+                                     for i in range(*index[0].indices(leaf.shape[0]))])
     blocks: dict[tuple, np.ndarray] = {}
 
     def cb(index):
       key = tuple((s.start, s.stop) for s in index)
       if key not in blocks:                    # replicated shards: read once
-        blocks[key] = np.ascontiguousarray(
-            read_shard(kind, src, leaf.shape, index).astype(leaf.dtype))
+        blocks[key] = np.ascontiguousarray(read(index).astype(leaf.dtype))
       return blocks[key]
 
     return jax.make_array_from_callback(leaf.shape, leaf.sharding, cb)
