@@ -66,20 +66,23 @@ def test_fan_in_init_scales_and_normal_is_unchanged(mesh8):
                               num_kv_heads=2, intermediate_size=256, tie_embeddings=False)
   normal = model_lib.LM.init(cfg, mesh8, seed=5).state
   fan = model_lib.LM.init(dataclasses.replace(cfg, init="fan_in"), mesh8, seed=5).state
-  std = lambda st, *path: float(np.std(np.asarray(functools.reduce(lambda t, k: t[k], path, st)[...])))
+  def w(st, *path):   # layers are stacked: ("layers", i, ...) reads layer i of [L, ...]
+    if path[0] == "layers":
+      return np.asarray(functools.reduce(lambda t, k: t[k], path[2:], st["layers"])[...])[path[1]]
+    return np.asarray(functools.reduce(lambda t, k: t[k], path, st)[...])
+  std = lambda st, *path: float(np.std(w(st, *path)))
   for path in (("embed",), ("lm_head",), ("layers", 0, "attn", "q_proj"),
                ("layers", 1, "mlp", "down_proj")):
     assert std(normal, *path) == pytest.approx(0.02, rel=0.1)
   assert std(fan, "embed") == pytest.approx(0.02, rel=0.1)
-  np.testing.assert_array_equal(np.asarray(fan["embed"][...]), np.asarray(normal["embed"][...]))
+  np.testing.assert_array_equal(w(fan, "embed"), w(normal, "embed"))
   assert std(fan, "lm_head") == pytest.approx(64 ** -0.5, rel=0.1)
   assert std(fan, "layers", 0, "attn", "k_proj") == pytest.approx(64 ** -0.5, rel=0.1)
   assert std(fan, "layers", 0, "mlp", "up_proj") == pytest.approx(64 ** -0.5, rel=0.1)
   assert std(fan, "layers", 1, "attn", "o_proj") == pytest.approx(64 ** -0.5 / 2, rel=0.1)
   assert std(fan, "layers", 1, "mlp", "down_proj") == pytest.approx(256 ** -0.5 / 2, rel=0.1)
   # The same standard-normal draws, rescaled: fan_in / normal is one constant per weight.
-  q_fan = np.asarray(fan["layers"][0]["attn"]["q_proj"][...])
-  q_normal = np.asarray(normal["layers"][0]["attn"]["q_proj"][...])
+  q_fan, q_normal = w(fan, "layers", 0, "attn", "q_proj"), w(normal, "layers", 0, "attn", "q_proj")
   np.testing.assert_allclose(q_fan, q_normal * (64 ** -0.5 / 0.02), rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match="model.init='xavier'"):
     dataclasses.replace(cfg, init="xavier")
