@@ -175,8 +175,8 @@ def plot_learners(agg: dict, workdir: str) -> str | None:
   fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
   for ax, kind, title in zip(axes, ("greedy", "sc"), ("greedy CoT", "self-consistency")):
     for name in names:
-      rounds = sorted(int(re.fullmatch(rf"{name}_round(\d+)_{kind}", k).group(1)) for k in mean
-                      if re.fullmatch(rf"{name}_round\d+_{kind}", k))
+      rounds = sorted(int(m.group(1)) for k in mean
+                      if (m := re.fullmatch(rf"{name}_round(\d+)_{kind}", k)))
       keys = [f"base_{kind}"] + [f"{name}_round{r}_{kind}" for r in rounds]
       ax.errorbar([0] + rounds, [mean[k] for k in keys], yerr=[sd[k] or 0.0 for k in keys],
                   fmt="o-", capsize=3, label=name)
