@@ -59,10 +59,7 @@ def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
   """
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    parts = [key_str(k) for k in path]
-    if parts and parts[-1] == "value":
-      parts = parts[:-1]
-    out["/".join(parts)] = tuple(getattr(leaf, "shape", ()))
+    out[_leaf_name(path)] = tuple(getattr(leaf, "shape", ()))
   return out
 
 
@@ -75,12 +72,19 @@ def _is_per_layer(tree) -> bool:
   return any(_LAYER.search(p) for p in flat_shapes(tree))
 
 
+def _leaf_name(path) -> str:
+  """'layers/attn/q_proj' for a tree path (a Variable's trailing 'value' dropped)."""
+  parts = [key_str(k) for k in path]
+  return "/".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+
+
+def _without_layer(name: str, m: re.Match) -> str:
+  """'layers/3/attn/q_proj' (m: its `_LAYER` match) -> 'layers/attn/q_proj'."""
+  return name[:m.start(2)] + name[m.end(2) + 1:]
+
+
 def _stacked_leaves(target) -> dict[str, Any]:
-  leaves = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
-    parts = [key_str(k) for k in path]
-    leaves["/".join(parts[:-1] if parts and parts[-1] == "value" else parts)] = leaf
-  return leaves
+  return {_leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
 
 
 def _per_layer_target(saved_md, target):
@@ -89,12 +93,11 @@ def _per_layer_target(saved_md, target):
   stacked = _stacked_leaves(target)
 
   def one(path, _):
-    parts = [key_str(k) for k in path]
-    name = "/".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+    name = _leaf_name(path)
     m = _LAYER.search(name)
     if m is None:
       return stacked.get(name)
-    leaf = stacked.get(name[:m.start(2)] + name[m.end(2) + 1:])
+    leaf = stacked.get(_without_layer(name, m))
     if leaf is None:
       return None
     sh = leaf.sharding
@@ -109,19 +112,19 @@ def _stack_layers(restored, target):
   flat = {}
   for name, x in _stacked_leaves(restored).items():
     m = _LAYER.search(name)
-    key = name if m is None else name[:m.start(2)] + name[m.end(2) + 1:]
+    key = name if m is None else _without_layer(name, m)
     flat.setdefault(key, {})[0 if m is None else int(m.group(2))] = x
   missing = sorted(set(_stacked_leaves(target)) - set(flat))
   if missing:
     raise ShapeMismatch(f"'{missing[0]}' is not in the checkpoint")
 
   def one(path, leaf):
-    parts = [key_str(k) for k in path]
-    xs = flat["/".join(parts[:-1] if parts and parts[-1] == "value" else parts)]
+    name = _leaf_name(path)
+    xs = flat[name]
     if len(xs) == 1 and leaf.shape == getattr(xs[0], "shape", None):
       return xs[0]
     if sorted(xs) != list(range(leaf.shape[0])):
-      raise ShapeMismatch(f"'{'/'.join(parts)}': the checkpoint has layers {sorted(xs)}, "
+      raise ShapeMismatch(f"'{name}': the checkpoint has layers {sorted(xs)}, "
                           f"the model {leaf.shape[0]}")
     return jax.jit(lambda *a: jax.numpy.stack(a), out_shardings=leaf.sharding)(
         *[xs[i] for i in range(leaf.shape[0])])

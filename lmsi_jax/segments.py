@@ -10,7 +10,8 @@ the concatenated keys (the same math as one cache holding the whole row),
 with each segment stored once.
 
 The layers run as one scan over their stacked parameters and stacked KV
-([L, ...] arrays). A `Segment` is one layer's (k, v, valid, pos): k/v [Bk,S,KV,D] with Bk = 1 (shared by
+([L, ...] arrays); a decode step runs the same body per layer over slices
+made once per chunk (`segment_layers(split=...)`). A `Segment` is one layer's (k, v, valid, pos): k/v [Bk,S,KV,D] with Bk = 1 (shared by
 every row) or B; `valid` [B or 1, T or 1, S] says which keys each query may
 see; `pos` [B or 1, S] are the keys' positions (for sliding-window layers).
 """
