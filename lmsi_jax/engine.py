@@ -181,9 +181,11 @@ def _pick(logits, keys, t, spec: Spec):
   return tok, jnp.take_along_axis(logits, tok[:, None], -1)[:, 0] - lse
 
 
-def _step(model, prefix: Prefix, table: Table, rows: Rows, spec: Spec, layers) -> Rows:
+def _step(model, prefix: Prefix, table: Table, rows: Rows, own: list, spec: Spec,
+          layers) -> tuple[Rows, list]:
   """One decode step of every row; `layers`: `model.split_scan_xs((prefix.cache,
-  table.cache))`, sliced once per chunk."""
+  table.cache))`, and `own`: the rows' KV per layer ([{"k","v"} [B, N, KV, D]] * L), both
+  split once per chunk; returns the rows (their stacked `cache` untouched) and `own` updated."""
   b, n = spec.batch, spec.steps
   w = rows.g % n
   fresh = rows.t == 0
@@ -203,10 +205,12 @@ def _step(model, prefix: Prefix, table: Table, rows: Rows, spec: Spec, layers) -
             seg_lib.Segment(tab["k"][qs], tab["v"][qs], q_valid, q_pos),
             seg_lib.Segment(own["k"], own["v"], own_valid, own_pos))
 
-  hidden, kv = seg_lib.segment_layers(model, rows.last[:, None], pos[:, None], (rows.cache,),
-                                      layer_segments, jnp.ones((1, 1, 1), bool), split=layers)
-  cache = {n: jax.lax.dynamic_update_slice_in_dim(c, kv[n].astype(c.dtype), w, axis=2)
-           for n, c in rows.cache.items()}
+  hidden, kv = seg_lib.segment_layers(model, rows.last[:, None], pos[:, None],
+                                      [(c,) for c in own], layer_segments,
+                                      jnp.ones((1, 1, 1), bool), split=layers)
+  own = [{n: _shard(spec, jax.lax.dynamic_update_slice_in_dim(c, y[n].astype(c.dtype), w, axis=1),
+                    model_lib.CACHE_LOGICAL[1:])
+          for n, c in layer.items()} for layer, y in zip(own, kv)]
   logits = jnp.where(fresh[:, None], table.logits[qs], model.logits(hidden)[:, 0])
   tok, lp = _pick(logits, rows.keys, rows.t, spec)
   active = ~rows.done
@@ -221,10 +225,10 @@ def _step(model, prefix: Prefix, table: Table, rows: Rows, spec: Spec, layers) -
   stop = active & (is_eos | hit)
   t = jnp.where(active, rows.t + 1, rows.t)
   return rows.replace(
-      cache=_shard_cache(spec, cache, True), g=rows.g + 1, t=t,
+      g=rows.g + 1, t=t,
       done=rows.done | stop | (active & (t >= n)),
       reason=jnp.where(stop, jnp.where(is_eos, STOP_EOS, STOP_SEQUENCE), rows.reason),
-      last=jnp.where(active, tok, rows.last), tokens=tokens, logprobs=logprobs, tail=tail)
+      last=jnp.where(active, tok, rows.last), tokens=tokens, logprobs=logprobs, tail=tail), own
 
 
 def decode_chunk(graphdef, state, prefix: Prefix, table: Table, rows: Rows, refill_mask,
@@ -235,18 +239,24 @@ def decode_chunk(graphdef, state, prefix: Prefix, table: Table, rows: Rows, refi
   rows = _refill(rows, refill_mask, refill_qslot, refill_keys, spec)
   # The parameters and the prefix / question KV sliced per layer once per chunk, not per step;
   # carried through the loop unchanged (a closed-over Variable could not be used in its trace).
+  # The rows' own KV is split per layer too, updated in place layer by layer, and stacked again
+  # after the loop: a stacked [L, ...] cache sliced per step is copied per step.
   layers = model.split_scan_xs((prefix.cache, table.cache))
+  own = [jax.tree.map(lambda c, i=i: c[i], rows.cache) for i in range(len(layers))]
 
   def cond(c):
-    i, r, _ = c
+    i, r, _, _ = c
     idle = jnp.sum(r.done.astype(jnp.int32))
     return jnp.any(~r.done) & ((i == 0) | ((i < spec.chunk) & (idle < free_target)))
 
   def body(c):
-    i, r, ls = c
-    return i + 1, _step(model, prefix, table, r, spec, ls), ls
+    i, r, o, ls = c
+    r, o = _step(model, prefix, table, r, o, spec, ls)
+    return i + 1, r, o, ls
 
-  return jax.lax.while_loop(cond, body, (jnp.array(0, jnp.int32), rows, layers))[1]
+  _, rows, own, _ = jax.lax.while_loop(cond, body, (jnp.array(0, jnp.int32), rows, own, layers))
+  cache = {n: jnp.stack([o[n] for o in own]) for n in rows.cache}
+  return rows.replace(cache=_shard_cache(spec, cache, True))
 
 
 # XLA options of the decode loop per platform: data, not a second program. XLA:CPU's default

@@ -37,43 +37,52 @@ class Segment:
 
 
 def _block_query(q):
-  """q [B,1,KV,G,D] -> block-diagonal [B, KV*D, KV*G]: a row's keys [S, KV*D] (a free
-  reshape of the cache) times it are exactly the per-head scores, with no transpose of
-  the cache (XLA:CPU copies a [B,S,KV,D] cache to contract it per head)."""
+  """q [B,1,KV,G,D] -> block-diagonal [B, KV*D, KV*G]: the shared keys [S, KV*D] (a free
+  reshape of the cache) times it are exactly the per-head scores of every row, as one GEMM
+  with no transpose of the cache."""
   b, _, kvh, g, d = q.shape
   eye = jnp.eye(kvh, dtype=q.dtype)
   return jnp.einsum("bkgd,kl->bldkg", q[:, 0], eye).reshape(b, kvh * d, kvh * g)
 
 
+# One decode step (T = 1) reads a row's own cache [B,S,KV,D] as a multiply and a reduction
+# that XLA:CPU fuses into one pass over the cache; a per-row dot_general of these thin shapes
+# (or a per-head contraction, which transposes the cache first) was 1.2-1.5x slower for the
+# whole decode step at 256 own tokens (BENCHMARKS.md "LMSI sampling workload").
+
+
 def _scores(q, k, qb):
   """q [B,T,KV,G,D], k [Bk,S,KV,D] -> [B,T,KV,G,S] f32 (Bk = 1 is shared by every row)."""
   shared = k.shape[0] == 1 and q.shape[0] != 1
-  if qb is not None:                                           # one decode step
+  f32 = jnp.float32
+  if qb is not None and shared:                                # one decode step
     b, _, kvh, g, _ = q.shape
-    kf = k.reshape(k.shape[0], k.shape[1], -1)
-    s = (jnp.einsum("sc,bcj->bsj", kf[0], qb, preferred_element_type=jnp.float32) if shared else
-         jnp.einsum("bsc,bcj->bsj", kf, qb, preferred_element_type=jnp.float32))
+    s = jnp.einsum("sc,bcj->bsj", k[0].reshape(k.shape[1], -1), qb, preferred_element_type=f32)
     return jnp.swapaxes(s, 1, 2).reshape(b, 1, kvh, g, -1)
+  if qb is not None:
+    s = jnp.sum(k[:, :, :, None, :].astype(f32) * q[:, 0][:, None].astype(f32), -1)  # [B,S,KV,G]
+    return jnp.moveaxis(s, 1, -1)[:, None]
   if shared:
-    return jnp.einsum("btkgd,skd->btkgs", q, k[0], preferred_element_type=jnp.float32)
-  return jnp.einsum("btkgd,bskd->btkgs", q, k, preferred_element_type=jnp.float32)
+    return jnp.einsum("btkgd,skd->btkgs", q, k[0], preferred_element_type=f32)
+  return jnp.einsum("btkgd,bskd->btkgs", q, k, preferred_element_type=f32)
 
 
 def _weighted(p, v):
   """p [B,T,KV,G,S], v [Bk,S,KV,D] -> [B,T,KV,G,D] f32."""
   b, t, kvh, g, _ = p.shape
   shared = v.shape[0] == 1 and b != 1
-  if t == 1:                                                   # one decode step: see _block_query
-    d = v.shape[-1]
+  f32 = jnp.float32
+  if t == 1 and shared:                                        # one decode step: _block_query
     pf = jnp.swapaxes(p.reshape(b, kvh * g, -1), 1, 2)         # [B,S,KV*G]
-    vf = v.reshape(v.shape[0], v.shape[1], -1)
-    o = (jnp.einsum("bsj,sc->bjc", pf, vf[0], preferred_element_type=jnp.float32) if shared else
-         jnp.einsum("bsj,bsc->bjc", pf, vf, preferred_element_type=jnp.float32))
-    o = o.reshape(b, kvh, g, kvh, d) * jnp.eye(kvh, dtype=o.dtype)[None, :, None, :, None]
+    o = jnp.einsum("bsj,sc->bjc", pf, v[0].reshape(v.shape[1], -1), preferred_element_type=f32)
+    o = o.reshape(b, kvh, g, kvh, -1) * jnp.eye(kvh, dtype=o.dtype)[None, :, None, :, None]
     return o.sum(3)[:, None]
+  if t == 1:
+    pt = jnp.moveaxis(p[:, 0], -1, 1).astype(f32)              # [B,S,KV,G]
+    return jnp.sum(pt[..., None] * v[:, :, :, None, :].astype(f32), axis=1)[:, None]
   if shared:
-    return jnp.einsum("btkgs,skd->btkgd", p, v[0], preferred_element_type=jnp.float32)
-  return jnp.einsum("btkgs,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
+    return jnp.einsum("btkgs,skd->btkgd", p, v[0], preferred_element_type=f32)
+  return jnp.einsum("btkgs,bskd->btkgd", p, v, preferred_element_type=f32)
 
 
 def attend(attn: model_lib.Attention, q, qpos, segments: list[Segment], local):
@@ -114,9 +123,10 @@ def segment_layers(model: model_lib.Llama, tokens, positions, stored, layer_segm
   own keys are appended as a last segment with `self_valid` [B or 1, T, T].
   `split` (decoding): `model.split_scan_xs(fixed)`, the parameters and the loop-invariant
   stored KV `fixed` (a tuple) already sliced per layer; the same scan body then runs per layer
-  on them, each layer's stored tuple being its slice of `fixed` followed by its slice of
-  `stored` (a tuple too).
-  Returns (final-norm hidden [B,T,hidden], {"k","v"} [L,B,T,KV,D] of the new tokens).
+  on them, `stored` is then a list of L per-layer tuples, and each layer's stored tuple is its
+  slice of `fixed` followed by its entry of `stored`.
+  Returns (final-norm hidden [B,T,hidden], the new tokens' {"k","v"}: [L,B,T,KV,D], or with
+  `split` a list of L [B,T,KV,D] dicts).
   """
   def layer(block, x, stored_i, local):
     q, k, v = block.attn.project(block.attn_norm(x), positions, local)
@@ -132,9 +142,8 @@ def segment_layers(model: model_lib.Llama, tokens, positions, stored, layer_segm
   if split is None:
     x, new_kv = jax.lax.scan(body, x, model.scan_xs(stored))
   else:
-    ys = []
-    for i, (params, flag, fixed) in enumerate(split):
-      x, y = body(x, (params, flag, tuple(fixed) + jax.tree.map(lambda a, i=i: a[i], stored)))
-      ys.append(y)
-    new_kv = jax.tree.map(lambda *a: jnp.stack(a), *ys)
+    new_kv = []
+    for (params, flag, fixed), stored_i in zip(split, stored):
+      x, y = body(x, (params, flag, tuple(fixed) + tuple(stored_i)))
+      new_kv.append(y)
   return model.final_norm(x), new_kv
