@@ -89,10 +89,10 @@ def bench_ours(args, lm, vocab, texts, share: bool) -> dict:
         eos_id=vocab.eos_id, vocab_limit=vocab.vocab_size, stop_sequences=stops,
         batch_size=args.batch, share=share, stats=stats)
 
-  # Warm-up (not timed) on the same bucket shapes: shared, two prompts (their common prefix is
-  # the few-shot block) with the longest question; plain, the longest prompt alone.
+  # Warm-up (not timed) on the same bucket shapes: two prompts (their common prefix is the
+  # few-shot block, and their rows fill the slots as the timed run's do) with the longest.
   longest = max(range(n), key=lambda i: len(ids[i]))
-  warm_q = [longest] + ([(longest + 1) % n] if share and n > 1 else [])
+  warm_q = [longest] + ([(longest + 1) % n] if n > 1 else [])
   t0 = time.perf_counter()
   run(np.array(warm_q))
   warm = time.perf_counter() - t0

@@ -6,7 +6,10 @@ few-shot block) is prefilled once; each prompt's remaining tokens once, into
 a question table slot that its rows read; each row keeps only its own
 tokens' KV. Row slots are refilled between chunks of decode steps: when rows
 finish, their slots take the next (question, sample) in order, so short
-chains of thought do not wait for the longest. Every shape is a fixed bucket
+chains of thought do not wait for the longest. Once no row is pending and at
+most a quarter of the slots still run (the longest paths), those rows move to
+a quarter of the slots (`min_slots` at least), since a step costs about its
+slot count. Every shape is a fixed bucket
 (`engine.Spec`), so refills never recompile.
 
 A sample's tokens depend only on its key and its prompt (not on the batch
@@ -70,6 +73,8 @@ class Stats:
   generated_tokens: int = 0
   decode_steps: int = 0
   chunks: int = 0
+  slots: int = 0            # row slots the call started with
+  shrinks: int = 0          # times the tail moved to a quarter of the slots
   prefill_s: float = 0.0
   decode_s: float = 0.0
 
@@ -91,7 +96,7 @@ def sample_prompts(lm: model_lib.LM, prompts: Sequence[Sequence[int]], keys: np.
                    vocab_limit: int | None = None,
                    stop_sequences: tuple[tuple[int, ...], ...] = (),
                    batch_size: int = 32, share: bool = True, chunk: int = 64,
-                   stats: Stats | None = None,
+                   min_slots: int = 8, stats: Stats | None = None,
                    progress: Callable[[int], None] | None = None) -> list[list[Row]]:
   """keys [Q, m, K] raw key data -> [Q][m] Rows (tokens/logprobs up to and incl. the stop)."""
   prompts = [list(map(int, p)) for p in prompts]
@@ -110,19 +115,22 @@ def sample_prompts(lm: model_lib.LM, prompts: Sequence[Sequence[int]], keys: np.
                      f"the model context model.max_seq_len={limit}")
   if not share:                     # every row its own whole prompt
     out = _decode(lm, [p for p in prompts for _ in range(m)], keys.reshape(n_q * m, 1, -1), 0,
-                  params, eos_id, pad_id, vocab_limit, stop_sequences, batch_size, chunk, stats,
-                  progress)
+                  params, eos_id, pad_id, vocab_limit, stop_sequences, batch_size, chunk,
+                  min_slots, stats, progress)
     return [[out[i * m + j][0] for j in range(m)] for i in range(n_q)]
   return _decode(lm, prompts, keys, common_prefix(prompts), params, eos_id, pad_id, vocab_limit,
-                 stop_sequences, batch_size, chunk, stats, progress)
+                 stop_sequences, batch_size, chunk, min_slots, stats, progress)
 
 
 def _decode(lm, prompts, keys, lp, params, eos_id, pad_id, vocab_limit, stop_sequences,
-            batch_size, chunk, stats, progress) -> list[list[Row]]:
+            batch_size, chunk, min_slots, stats, progress) -> list[list[Row]]:
   n_q, m = keys.shape[:2]
   questions = [p[lp:] for p in prompts]
   div = sharding.batch_divisor(lm.mesh)
-  b = -(-batch_size // div) * div
+  # Row slots: batch_size, or fewer when the call has fewer rows (a greedy pass of 8 questions
+  # runs 8 slots, not 32: a decode step costs about its slot count); a power of two, so calls
+  # of different sizes compile a handful of shapes.
+  b = -(-min(batch_size, bucket_length(n_q * m, 1, step=1 << 30)) // div) * div
   per_batch = -(-b // m)                             # questions that fill the row slots
   spec = engine.Spec(lm.mesh, b, per_batch + max(1, b // 4), per_batch, bucket_length(lp),
                      bucket_length(max(len(q) for q in questions)), params, eos_id, pad_id,
@@ -136,6 +144,7 @@ def _decode(lm, prompts, keys, lp, params, eos_id, pad_id, vocab_limit, stop_seq
   rep, bs1, bs2 = (sharding.replicated(lm.mesh), sharding.batch_sharding(lm.mesh, 1),
                    sharding.batch_sharding(lm.mesh, 2))
   stats = stats if stats is not None else Stats()
+  stats.slots = b
   t0 = time.perf_counter()
   with jax.set_mesh(lm.mesh):
     ptok = np.full((1, spec.prefix_len), pad_id, np.int32)
@@ -187,8 +196,27 @@ def _decode(lm, prompts, keys, lp, params, eos_id, pad_id, vocab_limit, stop_seq
       next_row += 1
     if all(s is None for s in slot_row):
       break
-    n_idle = sum(s is None for s in slot_row)
-    free_target = n_idle + max(1, b // 8) if next_row < total else b + 1
+    small = b // 4
+    shrinks = small >= min_slots and small % div == 0
+    running = [r for r in range(b) if slot_row[r] is not None]
+    if next_row == total and shrinks and len(running) <= small:
+      # The tail: nothing pending and at most a quarter of the slots running (the longest
+      # paths). They go on in a quarter of the slots: a step costs about its slot count.
+      idx = running + [r for r in range(b) if slot_row[r] is None][:small - len(running)]
+      spec = dataclasses.replace(spec, batch=small)
+      if (lm.graphdef, spec) not in _COMPILED:
+        _COMPILED.add((lm.graphdef, spec))
+      with jax.set_mesh(lm.mesh):
+        rows = engine.JITS["compact"](rows, _put(np.asarray(idx, np.int32), rep), spec=spec)
+      slot_row = [slot_row[r] for r in idx]
+      b = small
+      stats.shrinks += 1
+      continue
+    n_idle = b - len(running)
+    if next_row < total:              # return to refill once b/8 more slots are free
+      free_target = n_idle + max(1, b // 8)
+    else:                             # nothing pending: return to shrink (above), or at the end
+      free_target = b - small if shrinks else b + 1
     t1 = time.perf_counter()
     with jax.set_mesh(lm.mesh):
       rows = run_chunk(lm.graphdef, lm.state, prefix, table, rows, _put(mask, bs1),

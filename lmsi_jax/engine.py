@@ -163,6 +163,16 @@ def empty_rows(cfg: model_lib.ModelConfig, key_width: int, *, spec: Spec) -> Row
               bs(jnp.zeros((b, n), jnp.float32)), bs(jnp.full((b, spec.tail_len), -1, jnp.int32)))
 
 
+def compact_rows(rows: Rows, idx, *, spec: Spec) -> Rows:
+  """The row slots `idx` [spec.batch] of `rows` (a larger batch), in that order: the tail of a
+  call, when no row is pending and few run, decodes on fewer slots. Every row keeps its state
+  (the KV ring is indexed by the shared global step), so its tokens are unchanged."""
+  bs = lambda x: _shard(spec, x, ("batch",) + (None,) * (x.ndim - 1))
+  cache = {n: c[:, idx] for n, c in rows.cache.items()}
+  return Rows(_shard_cache(spec, cache, True), rows.g,
+              *[bs(getattr(rows, f.name)[idx]) for f in dataclasses.fields(Rows)[2:]])
+
+
 def _refill(rows: Rows, mask, qslot, keys, spec: Spec) -> Rows:
   m1, m2 = mask, mask[:, None]
   return rows.replace(
@@ -269,6 +279,7 @@ JITS = {
                          donate_argnames=("table",)),
     "table": jax.jit(empty_table, static_argnums=(0,), static_argnames=("spec",)),
     "rows": jax.jit(empty_rows, static_argnums=(0, 1), static_argnames=("spec",)),
+    "compact": jax.jit(compact_rows, static_argnames=("spec",), donate_argnames=("rows",)),
 }
 
 

@@ -78,8 +78,10 @@ def _greedy_by_recompute(lm, prompt, steps: int, length: int) -> list[int]:
 
 def test_greedy_shared_equals_full_recompute(tiny):
   """Greedy continuation == argmax of an uncached full forward, token by token."""
-  out, _ = _run(tiny, PROMPTS, _keys(len(PROMPTS), 1), batch_size=8,
+  st = batching.Stats()
+  out, _ = _run(tiny, PROMPTS, _keys(len(PROMPTS), 1), batch_size=32, stats=st,
                 params=sampler.SamplingParams(temperature=0.0, max_decode_steps=8))
+  assert st.slots == 8           # 5 rows: the power of two above, not all 32 slots
   for p, rows in zip(PROMPTS, out):
     assert rows[0] == _greedy_by_recompute(tiny, p, 8, length=32)
 
@@ -98,6 +100,21 @@ def test_refill_same_samples_whatever_batch_and_order(tiny):
   assert big == ref
   rev, _ = _run(tiny, PROMPTS[::-1], keys[::-1], params, eos_id=5, batch_size=8)
   assert rev[::-1] == ref
+
+
+def test_tail_on_fewer_slots_same_samples(tiny):
+  """The tail (nothing pending, a quarter of the slots running) moves to a quarter of the
+  slots; every row's tokens and log-probs are those of a run that never shrinks."""
+  params = sampler.SamplingParams(temperature=1.5, max_decode_steps=40)
+  prompts = PROMPTS * 2
+  keys = _keys(len(prompts), M, seed=5)
+  st = batching.Stats()    # eos 65: rows of these keys stop after 4 to 40 tokens
+  out, lp = _run(tiny, prompts, keys, params, eos_id=65, batch_size=16, min_slots=4, stats=st)
+  assert st.shrinks == 1 and len({len(r) for rows in out for r in rows}) > 5
+  ref, lp_ref = _run(tiny, prompts, keys, params, eos_id=65, batch_size=16, min_slots=64)
+  assert out == ref
+  for a, b in zip(lp, lp_ref):
+    np.testing.assert_allclose(np.concatenate(a), np.concatenate(b), atol=1e-6)
 
 
 def test_refills_do_not_recompile(tiny):
