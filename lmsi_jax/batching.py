@@ -7,9 +7,8 @@ a question table slot that its rows read; each row keeps only its own
 tokens' KV. Row slots are refilled between chunks of decode steps: when rows
 finish, their slots take the next (question, sample) in order, so short
 chains of thought do not wait for the longest. Once no row is pending and at
-most a quarter of the slots still run (the longest paths), those rows move to
-a quarter of the slots (`min_slots` at least), since a step costs about its
-slot count. Every shape is a fixed bucket
+most half the slots still run (the longest paths), those rows move to half
+the slots, and so on down to `min_slots`: a step's cost grows with its slots. Every shape is a fixed bucket
 (`engine.Spec`), so refills never recompile.
 
 A sample's tokens depend only on its key and its prompt (not on the batch
@@ -74,7 +73,7 @@ class Stats:
   decode_steps: int = 0
   chunks: int = 0
   slots: int = 0            # row slots the call started with
-  shrinks: int = 0          # times the tail moved to a quarter of the slots
+  shrinks: int = 0          # times the tail moved to half the slots
   prefill_s: float = 0.0
   decode_s: float = 0.0
 
@@ -152,6 +151,7 @@ def _decode(lm, prompts, keys, lp, params, eos_id, pad_id, vocab_limit, stop_seq
     prefix = engine.JITS["prefix"](lm.graphdef, lm.state, _put(ptok, rep), np.int32(lp), spec=spec)
     table = engine.JITS["table"](lm.cfg, spec=spec)
     rows = engine.JITS["rows"](lm.cfg, keys.shape[-1], spec=spec)
+    layers = engine.JITS["layers"](lm.graphdef, lm.state, prefix)
     jax.block_until_ready(prefix)
   stats.prefix_tokens += lp
   stats.prefill_s += time.perf_counter() - t0
@@ -196,30 +196,30 @@ def _decode(lm, prompts, keys, lp, params, eos_id, pad_id, vocab_limit, stop_seq
       next_row += 1
     if all(s is None for s in slot_row):
       break
-    small = b // 4
-    shrinks = small >= min_slots and small % div == 0
+    half = b // 2
+    shrinks = half >= min_slots and half % div == 0
     running = [r for r in range(b) if slot_row[r] is not None]
-    if next_row == total and shrinks and len(running) <= small:
-      # The tail: nothing pending and at most a quarter of the slots running (the longest
-      # paths). They go on in a quarter of the slots: a step costs about its slot count.
-      idx = running + [r for r in range(b) if slot_row[r] is None][:small - len(running)]
-      spec = dataclasses.replace(spec, batch=small)
+    if next_row == total and shrinks and len(running) <= half:
+      # The tail: nothing pending and at most half the slots running (the longest paths).
+      # They go on in half the slots (one more compiled shape per halving).
+      idx = running + [r for r in range(b) if slot_row[r] is None][:half - len(running)]
+      spec = dataclasses.replace(spec, batch=half)
       if (lm.graphdef, spec) not in _COMPILED:
         _COMPILED.add((lm.graphdef, spec))
       with jax.set_mesh(lm.mesh):
         rows = engine.JITS["compact"](rows, _put(np.asarray(idx, np.int32), rep), spec=spec)
       slot_row = [slot_row[r] for r in idx]
-      b = small
+      b = half
       stats.shrinks += 1
       continue
     n_idle = b - len(running)
     if next_row < total:              # return to refill once b/8 more slots are free
       free_target = n_idle + max(1, b // 8)
     else:                             # nothing pending: return to shrink (above), or at the end
-      free_target = b - small if shrinks else b + 1
+      free_target = b - half if shrinks else b + 1
     t1 = time.perf_counter()
     with jax.set_mesh(lm.mesh):
-      rows = run_chunk(lm.graphdef, lm.state, prefix, table, rows, _put(mask, bs1),
+      rows = run_chunk(lm.graphdef, lm.state, layers, prefix, table, rows, _put(mask, bs1),
                        _put(qslot, bs1), _put(kd, bs2), np.int32(free_target), spec=spec)
       done, t, reason, toks, lps, g = _host([rows.done, rows.t, rows.reason, rows.tokens,
                                              rows.logprobs, rows.g.reshape(1)])

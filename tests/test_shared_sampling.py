@@ -103,14 +103,14 @@ def test_refill_same_samples_whatever_batch_and_order(tiny):
 
 
 def test_tail_on_fewer_slots_same_samples(tiny):
-  """The tail (nothing pending, a quarter of the slots running) moves to a quarter of the
-  slots; every row's tokens and log-probs are those of a run that never shrinks."""
+  """The tail (nothing pending, half the slots or fewer running) moves to half the slots,
+  and again; every row's tokens and log-probs are those of a run that never shrinks."""
   params = sampler.SamplingParams(temperature=1.5, max_decode_steps=40)
   prompts = PROMPTS * 2
   keys = _keys(len(prompts), M, seed=5)
   st = batching.Stats()    # eos 65: rows of these keys stop after 4 to 40 tokens
   out, lp = _run(tiny, prompts, keys, params, eos_id=65, batch_size=16, min_slots=4, stats=st)
-  assert st.shrinks == 1 and len({len(r) for rows in out for r in rows}) > 5
+  assert st.shrinks >= 1 and len({len(r) for rows in out for r in rows}) > 5
   ref, lp_ref = _run(tiny, prompts, keys, params, eos_id=65, batch_size=16, min_slots=64)
   assert out == ref
   for a, b in zip(lp, lp_ref):
