@@ -8,7 +8,9 @@ tokens' KV. Row slots are refilled between chunks of decode steps: when rows
 finish, their slots take the next (question, sample) in order, so short
 chains of thought do not wait for the longest. Once no row is pending and at
 most half the slots still run (the longest paths), those rows move to half
-the slots, and so on down to `min_slots`: a step's cost grows with its slots. Every shape is a fixed bucket
+the slots, and so on down to `min_slots`: a step's cost grows with its slots.
+(Only while a running row may still outlast a `chunk` of steps: each new slot
+count is one more compiled shape.) Every shape is a fixed bucket
 (`engine.Spec`), so refills never recompile.
 
 A sample's tokens depend only on its key and its prompt (not on the batch
@@ -165,6 +167,7 @@ def _decode(lm, prompts, keys, lp, params, eos_id, pad_id, vocab_limit, stop_seq
   next_row = 0          # next (question, sample) to assign, in order q * m + j
   total = n_q * m
   g_prev = 0
+  row_t = np.zeros((b,), np.int64)      # tokens of each slot's row after the last chunk
   while True:
     idle = [r for r in range(b) if slot_row[r] is None]
     while next_q < n_q and free_tab and next_q * m - next_row < len(idle):
@@ -191,14 +194,16 @@ def _decode(lm, prompts, keys, lp, params, eos_id, pad_id, vocab_limit, stop_seq
       if next_row >= next_q * m:
         break
       i, j = divmod(next_row, m)
-      mask[r], qslot[r], kd[r] = True, q_slot[i], keys[i, j]
+      mask[r], qslot[r], kd[r], row_t[r] = True, q_slot[i], keys[i, j], 0
       slot_row[r] = (i, j)
       next_row += 1
     if all(s is None for s in slot_row):
       break
     half = b // 2
-    shrinks = half >= min_slots and half % div == 0
     running = [r for r in range(b) if slot_row[r] is not None]
+    # Worth a compiled shape only while a running row may outlast a chunk of steps.
+    shrinks = (half >= min_slots and half % div == 0
+               and params.max_decode_steps - min(int(row_t[r]) for r in running) > chunk)
     if next_row == total and shrinks and len(running) <= half:
       # The tail: nothing pending and at most half the slots running (the longest paths).
       # They go on in half the slots (one more compiled shape per halving).
@@ -209,6 +214,7 @@ def _decode(lm, prompts, keys, lp, params, eos_id, pad_id, vocab_limit, stop_seq
       with jax.set_mesh(lm.mesh):
         rows = engine.JITS["compact"](rows, _put(np.asarray(idx, np.int32), rep), spec=spec)
       slot_row = [slot_row[r] for r in idx]
+      row_t = row_t[idx]
       b = half
       stats.shrinks += 1
       continue
@@ -224,6 +230,7 @@ def _decode(lm, prompts, keys, lp, params, eos_id, pad_id, vocab_limit, stop_seq
       done, t, reason, toks, lps, g = _host([rows.done, rows.t, rows.reason, rows.tokens,
                                              rows.logprobs, rows.g.reshape(1)])
     stats.decode_s += time.perf_counter() - t1
+    row_t = np.asarray(t).copy()
     stats.chunks += 1
     stats.decode_steps += int(g[0]) - g_prev
     g_prev = int(g[0])

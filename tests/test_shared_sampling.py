@@ -109,9 +109,11 @@ def test_tail_on_fewer_slots_same_samples(tiny):
   prompts = PROMPTS * 2
   keys = _keys(len(prompts), M, seed=5)
   st = batching.Stats()    # eos 65: rows of these keys stop after 4 to 40 tokens
-  out, lp = _run(tiny, prompts, keys, params, eos_id=65, batch_size=16, min_slots=4, stats=st)
+  out, lp = _run(tiny, prompts, keys, params, eos_id=65, batch_size=16, min_slots=4, chunk=8,
+                 stats=st)
   assert st.shrinks >= 1 and len({len(r) for rows in out for r in rows}) > 5
-  ref, lp_ref = _run(tiny, prompts, keys, params, eos_id=65, batch_size=16, min_slots=64)
+  ref, lp_ref = _run(tiny, prompts, keys, params, eos_id=65, batch_size=16, min_slots=64,
+                     chunk=8)
   assert out == ref
   for a, b in zip(lp, lp_ref):
     np.testing.assert_allclose(np.concatenate(a), np.concatenate(b), atol=1e-6)
