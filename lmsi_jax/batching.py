@@ -209,8 +209,7 @@ def _decode(lm, prompts, keys, lp, params, eos_id, pad_id, vocab_limit, stop_seq
       # They go on in half the slots (one more compiled shape per halving).
       idx = running + [r for r in range(b) if slot_row[r] is None][:half - len(running)]
       spec = dataclasses.replace(spec, batch=half)
-      if (lm.graphdef, spec) not in _COMPILED:
-        _COMPILED.add((lm.graphdef, spec))
+      _COMPILED.add((lm.graphdef, spec))
       with jax.set_mesh(lm.mesh):
         rows = engine.JITS["compact"](rows, _put(np.asarray(idx, np.int32), rep), spec=spec)
       slot_row = [slot_row[r] for r in idx]
