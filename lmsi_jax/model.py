@@ -16,8 +16,8 @@ base). The layers' parameters are stored stacked (`layers` is one Block
 whose parameters have a leading layer axis, logical name "layers", mapped to
 no mesh axis) and run by ONE layer body (`scan_body`): a `jax.lax.scan` over
 the stacked parameters in training, prefill and `__call__`; the sampler's
-decode loop applies the same body per layer to parameters it sliced once per
-decode chunk (`split_scan_xs`: inside a loop of steps XLA:CPU would copy each
+decode loop applies the same body per layer to parameters sliced once per
+sampling call (`split_scan_xs`, `engine.split_layers`: inside a loop of steps XLA:CPU would copy each
 layer's slice every step). The KV cache is stacked too, [L, ...], read per
 layer and written once after the layers. A layer's kind (sliding or global) is a
 scanned bool when the layers are mixed, a Python bool otherwise. A sliding layer masks
@@ -308,7 +308,7 @@ class Llama(nnx.Module):
 
   def split_scan_xs(self, per_layer=None) -> list:
     """`scan_xs(per_layer)` sliced per layer: L trees, each what one step of the scan reads.
-    Decoding slices once per decode call, outside its loop over steps, and applies `scan_body`
+    Decoding slices once per sampling call (engine.split_layers), outside its loop over steps, and applies `scan_body`
     per layer (segments.segment_layers(split=...)): inside a loop, XLA:CPU copies a scanned
     layer's slice of every stacked weight on every step instead of reading it in place (decode
     was 1.4x slower for it, BENCHMARKS.md). MaxText likewise decodes with scan_layers=False."""
