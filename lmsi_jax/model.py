@@ -18,8 +18,8 @@ no mesh axis) and run by ONE layer body (`scan_body`): a `jax.lax.scan` over
 the stacked parameters in training, prefill and `__call__`; the sampler's
 decode loop applies the same body per layer to parameters sliced once per
 sampling call (`split_scan_xs`, `engine.split_layers`: inside a loop of steps XLA:CPU would copy each
-layer's slice every step). The KV cache is stacked too, [L, ...], read per
-layer and written once after the layers. A layer's kind (sliding or global) is a
+layer's slice every step). A prefill's KV cache is stacked too, [L, ...], read per
+layer and written once after the layers; the decode loop keeps per-layer caches. A layer's kind (sliding or global) is a
 scanned bool when the layers are mixed, a Python bool otherwise. A sliding layer masks
 keys whose slot is `sliding_window` or more before the query's slot (slots
 and positions differ by a constant per row, also with left padding).
