@@ -10,6 +10,8 @@ in turn (it imports lmsi_jax from the checkout it sits in); the last line is JSO
 
   python benchmarks/decode_step.py                      # batch 32, 256 slots
   python benchmarks/decode_step.py --batch 64 --steps 32
+  python benchmarks/decode_step.py --preset tiny --batch 1024 --steps 64 --prefix 3 \
+      --question_len 40 --samples 32 --chunk 8 --chunks 4     # the demo's pool sampling
 """
 
 from __future__ import annotations
@@ -42,18 +44,23 @@ def main():
   ap.add_argument("--prefix", type=int, default=730, help="shared prefix tokens")
   ap.add_argument("--chunk", type=int, default=16, help="decode steps per timed chunk")
   ap.add_argument("--chunks", type=int, default=6, help="timed chunks after the first")
+  ap.add_argument("--preset", default="smollm2_135m", help="lmsi_jax.model_config preset")
+  ap.add_argument("--question_len", type=int, default=50, help="tokens per question")
+  ap.add_argument("--samples", type=int, default=16, help="rows per question (m)")
   args = ap.parse_args()
 
   import jax
   from lmsi_jax import batching, engine, sampler, sharding
   from lmsi_jax import model as model_lib
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  cfg = model_lib.preset("smollm2_135m", max_seq_len=2048)
+  cfg = model_lib.preset(args.preset, max_seq_len=2048)
   lm = model_lib.LM.init(cfg, mesh, seed=0)
   rng = np.random.default_rng(0)
-  prefix = list(rng.integers(10, 40000, args.prefix))
-  m, n_q = 16, max(1, args.batch // 16)
-  prompts = [prefix + list(rng.integers(10, 40000, 50)) for _ in range(n_q)]
+  top = min(40000, cfg.vocab_size)
+  prefix = list(rng.integers(10, top, args.prefix))
+  m = args.samples
+  n_q = max(1, args.batch // m)
+  prompts = [prefix + list(rng.integers(10, top, args.question_len)) for _ in range(n_q)]
   keys = np.stack([sampler.row_keys(0, np.full(m, i), np.arange(m)) for i in range(n_q)])
   params = sampler.SamplingParams(0.7, 40, 1.0, args.steps)
 
@@ -83,9 +90,11 @@ def main():
   if len(times) <= args.chunks:
     sys.exit(f"only {len(times)} chunks ran: lower --chunks or --chunk, or raise --steps")
   ms = 1e3 * min(times[1:]) / args.chunk
-  print(f"batch {args.batch}, {args.steps} row slots, prefix {args.prefix}: {ms:.1f} ms/step "
+  print(f"{args.preset}, batch {args.batch}, {args.steps} row slots, prefix {args.prefix}: "
+        f"{ms:.1f} ms/step "
         f"(chunks: {', '.join(f'{t:.2f}' for t in times[1:])} s)")
-  print(json.dumps({"ms_per_step": round(ms, 2), "batch": args.batch, "steps": args.steps,
+  print(json.dumps({"ms_per_step": round(ms, 2), "preset": args.preset, "batch": args.batch,
+                    "steps": args.steps, "samples": m, "question_len": args.question_len,
                     "prefix": args.prefix, "chunk": args.chunk,
                     "chunk_s": [round(t, 3) for t in times[1:]], "cpu": common.cpu_model(),
                     "nproc": os.cpu_count(), "jax": jax.__version__}))

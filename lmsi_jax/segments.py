@@ -45,23 +45,23 @@ def _block_query(q):
   return jnp.einsum("bkgd,kl->bldkg", q[:, 0], eye).reshape(b, kvh * d, kvh * g)
 
 
-# One decode step (T = 1) reads a row's own cache [B,S,KV,D] as a multiply and a reduction
-# that XLA:CPU fuses into one pass over the cache; a per-row dot_general of these thin shapes
-# (or a per-head contraction, which transposes the cache first) was 1.2-1.5x slower for the
-# whole decode step at 256 own tokens (BENCHMARKS.md "LMSI sampling workload").
+# One decode step (T = 1) contracts every segment, shared or per row, with the block-diagonal
+# query: a GEMM (shared keys) or a batched GEMM (a row's own keys, [B,S,KV*D]) over a free
+# reshape of the cache. A broadcast multiply and reduction over D instead was 3.7x slower for
+# the whole sampling call on the demo's model (head dim 16, 1,024 rows) and no faster at the
+# SmolLM2 shape (BENCHMARKS.md, "Demo sampling").
 
 
 def _scores(q, k, qb):
   """q [B,T,KV,G,D], k [Bk,S,KV,D] -> [B,T,KV,G,S] f32 (Bk = 1 is shared by every row)."""
   shared = k.shape[0] == 1 and q.shape[0] != 1
   f32 = jnp.float32
-  if qb is not None and shared:                                # one decode step
+  if qb is not None:                                           # one decode step
     b, _, kvh, g, _ = q.shape
-    s = jnp.einsum("sc,bcj->bsj", k[0].reshape(k.shape[1], -1), qb, preferred_element_type=f32)
+    kf = k.reshape(k.shape[0], k.shape[1], -1)                 # [Bk,S,KV*D]
+    s = (jnp.einsum("sc,bcj->bsj", kf[0], qb, preferred_element_type=f32) if shared else
+         jnp.einsum("bsc,bcj->bsj", kf, qb, preferred_element_type=f32))
     return jnp.swapaxes(s, 1, 2).reshape(b, 1, kvh, g, -1)
-  if qb is not None:
-    s = jnp.sum(k[:, :, :, None, :].astype(f32) * q[:, 0][:, None].astype(f32), -1)  # [B,S,KV,G]
-    return jnp.moveaxis(s, 1, -1)[:, None]
   if shared:
     return jnp.einsum("btkgd,skd->btkgs", q, k[0], preferred_element_type=f32)
   return jnp.einsum("btkgd,bskd->btkgs", q, k, preferred_element_type=f32)
@@ -72,14 +72,13 @@ def _weighted(p, v):
   b, t, kvh, g, _ = p.shape
   shared = v.shape[0] == 1 and b != 1
   f32 = jnp.float32
-  if t == 1 and shared:                                        # one decode step: _block_query
+  if t == 1:                                                   # one decode step: _block_query
     pf = jnp.swapaxes(p.reshape(b, kvh * g, -1), 1, 2)         # [B,S,KV*G]
-    o = jnp.einsum("bsj,sc->bjc", pf, v[0].reshape(v.shape[1], -1), preferred_element_type=f32)
+    vf = v.reshape(v.shape[0], v.shape[1], -1)                 # [Bk,S,KV*D]
+    o = (jnp.einsum("bsj,sc->bjc", pf, vf[0], preferred_element_type=f32) if shared else
+         jnp.einsum("bsj,bsc->bjc", pf, vf, preferred_element_type=f32))
     o = o.reshape(b, kvh, g, kvh, -1) * jnp.eye(kvh, dtype=o.dtype)[None, :, None, :, None]
     return o.sum(3)[:, None]
-  if t == 1:
-    pt = jnp.moveaxis(p[:, 0], -1, 1).astype(f32)              # [B,S,KV,G]
-    return jnp.sum(pt[..., None] * v[:, :, :, None, :].astype(f32), axis=1)[:, None]
   if shared:
     return jnp.einsum("btkgs,skd->btkgd", p, v[0], preferred_element_type=f32)
   return jnp.einsum("btkgs,bskd->btkgd", p, v, preferred_element_type=f32)
