@@ -45,17 +45,23 @@ def _block_query(q):
   return jnp.einsum("bkgd,kl->bldkg", q[:, 0], eye).reshape(b, kvh * d, kvh * g)
 
 
-# One decode step (T = 1) contracts every segment, shared or per row, with the block-diagonal
-# query: a GEMM (shared keys) or a batched GEMM (a row's own keys, [B,S,KV*D]) over a free
-# reshape of the cache. A broadcast multiply and reduction over D instead was 3.7x slower for
-# the whole sampling call on the demo's model (head dim 16, 1,024 rows) and no faster at the
-# SmolLM2 shape (BENCHMARKS.md, "Demo sampling").
+# One decode step (T = 1) contracts shared keys with the block-diagonal query (one GEMM). A
+# row's own keys [B,S,KV,D] are read by head size: below 64 as a batched GEMM with the same
+# query over a free reshape ([B,S,KV*D]); from 64 up as a broadcast multiply and a reduction
+# over D, which XLA:CPU fuses into one pass over the cache. Each is the faster one for its
+# side: at head dim 16 (the demo's model, 1,024 rows) the multiply-reduce made sampling
+# 3.7-4.2x slower; at head dim 64 (SmolLM2, 32 rows, 256 own tokens) the batched GEMM is
+# 1.1-1.3x slower per step (BENCHMARKS.md, "Demo sampling").
+_REDUCE_MIN_HEAD_DIM = 64
 
 
 def _scores(q, k, qb):
   """q [B,T,KV,G,D], k [Bk,S,KV,D] -> [B,T,KV,G,S] f32 (Bk = 1 is shared by every row)."""
   shared = k.shape[0] == 1 and q.shape[0] != 1
   f32 = jnp.float32
+  if qb is not None and not shared and k.shape[-1] >= _REDUCE_MIN_HEAD_DIM:
+    s = jnp.sum(k[:, :, :, None, :].astype(f32) * q[:, 0][:, None].astype(f32), -1)  # [B,S,KV,G]
+    return jnp.moveaxis(s, 1, -1)[:, None]
   if qb is not None:                                           # one decode step
     b, _, kvh, g, _ = q.shape
     kf = k.reshape(k.shape[0], k.shape[1], -1)                 # [Bk,S,KV*D]
@@ -72,6 +78,9 @@ def _weighted(p, v):
   b, t, kvh, g, _ = p.shape
   shared = v.shape[0] == 1 and b != 1
   f32 = jnp.float32
+  if t == 1 and not shared and v.shape[-1] >= _REDUCE_MIN_HEAD_DIM:
+    pt = jnp.moveaxis(p[:, 0], -1, 1).astype(f32)              # [B,S,KV,G]
+    return jnp.sum(pt[..., None] * v[:, :, :, None, :].astype(f32), axis=1)[:, None]
   if t == 1:                                                   # one decode step: _block_query
     pf = jnp.swapaxes(p.reshape(b, kvh * g, -1), 1, 2)         # [B,S,KV*G]
     vf = v.reshape(v.shape[0], v.shape[1], -1)                 # [Bk,S,KV*D]
