@@ -50,7 +50,7 @@ def _block_query(q):
 # query over a free reshape ([B,S,KV*D]); from 64 up as a broadcast multiply and a reduction
 # over D, which XLA:CPU fuses into one pass over the cache. Each is the faster one for its
 # side: at head dim 16 (the demo's model, 1,024 rows) the multiply-reduce made sampling
-# 3.7-4.2x slower; at head dim 64 (SmolLM2, 32 rows, 256 own tokens) the batched GEMM is
+# 3.7-4.4x slower; at head dim 64 (SmolLM2, 32 rows, 256 own tokens) the batched GEMM is
 # 1.1-1.3x slower per step (BENCHMARKS.md, "Demo sampling").
 _REDUCE_MIN_HEAD_DIM = 64
 
