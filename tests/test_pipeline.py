@@ -111,6 +111,8 @@ def test_smoke_round_metrics_agree_with_the_files_and_hidden_gold(smoke):
 @pytest.mark.slow
 def test_pseudo_labels_match_the_vote(smoke):
   workdir, rep = smoke
+  min_share = rep["config"]["voting"]["min_vote_share"]
+  assert min_share == 0.3     # the demo's threshold: a 1-of-4 majority is dropped, 2 of 4 kept
   for r in (1, 2):
     votes = {v["id"]: v for v in jsonl.read_jsonl(os.path.join(workdir, f"round_{r}", "votes.jsonl"))}
     labels = jsonl.read_jsonl(os.path.join(workdir, f"round_{r}", "pseudo_labels.jsonl"))
@@ -129,11 +131,14 @@ def test_pseudo_labels_match_the_vote(smoke):
       answers = [voting.extract_answer(s["text"]) for s in samples[l["id"]]["samples"]]
       assert voting.majority_vote(answers).answer == v["answer"]
       assert l["round"] == r and l["vote_share"] == v["share"]
-    # and every majority path is kept (the paper keeps all of them)
+    # and every majority path is kept (the paper keeps all of them) where the majority holds
+    # the demo's minimum vote share; below it, none
     for qid, v in votes.items():
       if v["answer"] is not None:
         answers = [voting.extract_answer(s["text"]) for s in samples[qid]["samples"]]
-        assert v["kept"] == sum(a == v["answer"] for a in answers)
+        n = sum(a == v["answer"] for a in answers)
+        assert v["share"] == n / 4
+        assert v["kept"] == (n if v["share"] >= min_share else 0)
 
 
 @pytest.mark.slow
@@ -405,7 +410,7 @@ def test_gold_never_changes_training_data(smoke):
   from lmsi_jax import seeds
   workdir, rep = smoke
   cfg = config_lib.load_config_file(os.path.join(REPO, "configs", "demo.py"), "smoke")
-  s = pl.VoteSettings(cfg.task.answer_type, cfg.task.cue, cfg.task.stop)
+  s = pl.VoteSettings.from_config(cfg)     # the demo's voting, its minimum vote share included
   samples = pl.read_samples(os.path.join(workdir, "round_1", "samples"))
   wrong_gold = [{"id": x["id"], "question": x["question"], "answer": "-1"} for x in samples]
   labels, _ = pl.vote_pool(samples, wrong_gold, s, exemplars=None, formats=cfg.formats,
