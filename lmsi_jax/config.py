@@ -33,6 +33,12 @@ def base_config() -> ml_collections.ConfigDict:
       coordinator_address="", num_processes=0, process_id=-1, initialization_timeout=300,
       heartbeat_timeout_seconds=100))
 
+  # Persistent XLA compilation cache (lmsi_jax/compile_cache.py): a re-run loads what it
+  # compiled before (one subdirectory per host CPU). dir="" turns it off; an explicit
+  # JAX_COMPILATION_CACHE_DIR in the environment wins.
+  c.compile_cache = ml_collections.ConfigDict(dict(
+      dir="~/.cache/lmsi_jax/xla", min_compile_time_secs=0.1))
+
   c.model = ml_collections.ConfigDict(dict(
       preset="tiny",            # a lmsi_jax.model.PRESETS name; ignored when checkpoint is set
       init="",                  # fresh weights: "" (the preset's), "normal" or "fan_in"
@@ -172,6 +178,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if not ok:
       raise ValueError(f"config.{key}={_get(c, key)!r}: {msg}")
   check(c.mode in modes.MODES, "mode", f"expected one of {sorted(modes.MODES)}")
+  check(c.compile_cache.min_compile_time_secs >= 0, "compile_cache.min_compile_time_secs",
+        "must be >= 0")
   check(c.task.name in ("synthetic", "gsm8k"), "task.name", "expected 'synthetic' or 'gsm8k'")
   check(c.task.answer_type in voting.ANSWER_TYPES, "task.answer_type",
         f"expected one of {voting.ANSWER_TYPES}")

@@ -91,6 +91,8 @@ def _run(cfg) -> int:
   from lmsi_jax import preemption  # pylint: disable=g-import-not-at-top
   from lmsi_jax import wandb_logger  # pylint: disable=g-import-not-at-top
   config_lib.validate(cfg)
+  from lmsi_jax import compile_cache  # pylint: disable=g-import-not-at-top
+  compile_cache.enable(cfg.compile_cache)    # before anything compiles
   seeds = multiseed.parse_seeds(_SEEDS.value) if _SEEDS.value is not None else None
   distributed.initialize(cfg.distributed)
   from lmsi_jax import modes  # pylint: disable=g-import-not-at-top
