@@ -72,7 +72,7 @@ def main() -> None:
     jax.block_until_ready(m)
     runs[(rows, cols)] = [step, batch, params, opt, []]
   for _ in range(args.rounds):
-    for key, run in runs.items():
+    for run in runs.values():
       step, batch, params, opt, times = run
       t = time.perf_counter()
       for i in range(args.steps):

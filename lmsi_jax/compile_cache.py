@@ -2,8 +2,9 @@
 
 A re-run of a command (another seed, an override, a resumed run) loads the programs it
 compiled before instead of compiling them again: on the demo's 2-core CPU a re-run of the
-smoke run takes 0.79x the wall time of one without the cache (BENCHMARKS.md). Executables are exact: a cached
-program computes the same floats as a fresh compile, so results do not depend on the cache.
+smoke run takes 0.79x the wall time of one without the cache (BENCHMARKS.md). Executables are
+exact: a cached program computes the same floats as a fresh compile, so results do not depend
+on the cache.
 
 As MaxText's `jax_cache_dir`. XLA:CPU compiles for the host's instruction set, and JAX's cache
 key names the platform ("cpu"), not the CPU, so a directory shared by different machines (a
@@ -18,6 +19,8 @@ import os
 import platform
 
 import jax
+
+from lmsi_jax import fileio
 
 ENV = "JAX_COMPILATION_CACHE_DIR"
 
@@ -41,9 +44,7 @@ def cache_dir(path: str) -> str:
   """The directory `path` (~ expanded) resolves to on this host; '' when disabled."""
   if not path:
     return ""
-  path = os.path.expanduser(path)
-  return path.rstrip("/") + "/" + host_cpu_key() if "://" in path else os.path.join(
-      path, host_cpu_key())
+  return fileio.join(os.path.expanduser(path), host_cpu_key())
 
 
 def enable(cc) -> str:
