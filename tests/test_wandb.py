@@ -4,6 +4,7 @@ import json
 import os
 import struct
 import sys
+import time
 
 import pytest
 
@@ -29,14 +30,14 @@ PATHS = {
 }
 
 
-def wandb_history(run_file: str) -> list[dict]:
-  """The history rows of an offline run's .wandb file (a ':W&B' header, then a LevelDB-style
-  log of 32 KiB blocks of chunked protobuf Records); nested keys joined with '/'."""
+def wandb_records(run_file: str) -> list:
+  """The Records of an offline run's .wandb file (a ':W&B' header, then a LevelDB-style log
+  of 32 KiB blocks of chunked protobuf Records)."""
   from wandb.proto import wandb_internal_pb2 as pb  # pylint: disable=g-import-not-at-top
   with open(run_file, "rb") as f:
     data = f.read()
   assert data[:4] == b":W&B"
-  pos, block, buf, rows = 7, 32768, b"", []
+  pos, block, buf, records = 7, 32768, b"", []
   while pos + 7 <= len(data):
     left = block - pos % block
     _, n, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
@@ -45,13 +46,30 @@ def wandb_history(run_file: str) -> list[dict]:
       continue
     chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
     buf = chunk if kind in (1, 2) else buf + chunk  # FULL/FIRST start a record
-    if kind in (1, 4):                              # FULL/LAST end it
+    if kind in (1, 4) and len(chunk) == n:          # FULL/LAST end it (a torn tail is not one)
       rec = pb.Record()
       rec.ParseFromString(buf)
-      if rec.WhichOneof("record_type") == "history":
-        rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                     for i in rec.history.item})
-  return rows
+      records.append(rec)
+  return records
+
+
+def finished_records(run_file: str, timeout_s: float = 120.0) -> list:
+  """The run file's Records once wandb's service process has written the run's `exit` record:
+  run.finish() hands the records to that process, which may still be writing them out."""
+  deadline = time.monotonic() + timeout_s
+  while True:
+    records = wandb_records(run_file)
+    kinds = [r.WhichOneof("record_type") for r in records]
+    if "exit" in kinds:
+      return records
+    assert time.monotonic() < deadline, f"{run_file}: no exit record after {timeout_s} s: {kinds}"
+    time.sleep(0.5)
+
+
+def history_rows(records) -> list[dict]:
+  """The history Records as dicts, nested keys joined with '/'."""
+  return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+          for r in records if r.WhichOneof("record_type") == "history"]
 
 
 def _cfg(**wandb):
@@ -131,9 +149,11 @@ def test_offline_run_has_train_scalars_and_round_table(tmp_path, mesh8, monkeypa
   assert str(tmp_path) in files and "offline-run-" in files
 
   (run_file,) = glob.glob(os.path.join(os.path.dirname(files), "run-*.wandb"))
-  hist = wandb_history(run_file)
+  records = finished_records(run_file)
+  hist = history_rows(records)
   train = [h for h in hist if "round_1/train/step" in h]
-  assert [h["round_1/train/step"] for h in train] == [0, 1]         # every step, as in TB
+  assert [h["round_1/train/step"] for h in train] == [0, 1], (      # every step, as in TB
+      [r.WhichOneof("record_type") for r in records], hist)
   for h in train:
     for k in ("loss", "grad_norm", "update_norm", "learning_rate", "tokens", "tokens_per_s"):
       assert isinstance(h[f"round_1/train/{k}"], (int, float)), k
