@@ -69,13 +69,17 @@ def get_config(arg: str | None = None):
   c.eval.update(num_samples=16, temperature=1.0, base_temperature=1.0, top_k=0,
                 max_decode_steps=64, oracle=True, control=True, spurious=True)
   if arg == "smoke":
-    c.synthetic.update(seed_easy_n=400, seed_hard_n=10, seed_hard_repeat=1, pool_n=64, eval_n=32)
+    # Sized so that few training epochs end early: each epoch rebuilds its tf.data pipeline
+    # (~1 s of tracing on a 2-core CPU), and with 400 seed sums and 12 steps a round the
+    # smoke run built 34 pipelines; with 2,500 and 6 it builds 20 (BENCHMARKS.md).
+    c.synthetic.update(seed_easy_n=2500, seed_hard_n=10, seed_hard_repeat=1, pool_n=64,
+                       eval_n=32)
     c.guard.probe_n = 16
     c.sampling.update(num_samples=4, batch_size=64, questions_per_shard=16)
     # 150 steps: a base whose paths end with an answer, so the rounds have pseudo-labels
     # to vote and keep (at 40 steps no path parsed and the rounds trained on seed data only).
     c.base_train.update(num_steps=150, warmup_steps=5, checkpoint_every=50)
-    c.train.update(num_steps=12, batch_size=16, log_every=5, checkpoint_every=6)
+    c.train.update(num_steps=6, batch_size=16, log_every=3, checkpoint_every=3)
     c.rounds.num_rounds = 2
     c.eval.update(num_samples=4)
   elif arg:

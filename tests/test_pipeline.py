@@ -103,7 +103,7 @@ def test_smoke_round_metrics_agree_with_the_files_and_hidden_gold(smoke):
   for name in ("report.md", "accuracy.png", "calibration.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
   assert os.listdir(os.path.join(workdir, "round_1", "train", "tb"))
-  # stage 0 saves every base_train.checkpoint_every=50 steps (the rounds every 6), keeping 2
+  # stage 0 saves every base_train.checkpoint_every=50 steps (the rounds every 3), keeping 2
   kept = os.listdir(os.path.join(workdir, "base", "train", "checkpoints"))
   assert sorted(int(d) for d in kept if d.isdigit()) == [100, 150]
 
@@ -147,7 +147,7 @@ def test_resume_after_sigkill_in_sampling_and_training(smoke, tmp_path):
   workdir = str(tmp_path / "killed")
   _run_until(workdir, os.path.join("round_1", "samples", "shard_00000.jsonl"))
   assert not os.path.exists(os.path.join(workdir, "round_1", "vote_summary.json"))
-  _run_until(workdir, os.path.join("round_1", "train", "checkpoints", "6"))
+  _run_until(workdir, os.path.join("round_1", "train", "checkpoints", "3"))
   assert not os.path.exists(os.path.join(workdir, "round_1", "eval.json"))
   _run(workdir)
   with open(os.path.join(workdir, "report.json")) as f:
