@@ -70,8 +70,8 @@ def get_config(arg: str | None = None):
                 max_decode_steps=64, oracle=True, control=True, spurious=True)
   if arg == "smoke":
     # Sized so that few training epochs end early: each epoch rebuilds its tf.data pipeline
-    # (~1 s of tracing on a 2-core CPU), and with 400 seed sums and 12 steps a round the
-    # smoke run built 34 pipelines; with 2,500 and 6 it builds 20 (BENCHMARKS.md).
+    # (~1 s on a 2-core AMD EPYC, family 26 model 2), and with 400 seed sums and 12 steps a
+    # round the smoke run built 34 pipelines; with 2,500 and 6 it builds 20 (BENCHMARKS.md).
     c.synthetic.update(seed_easy_n=2500, seed_hard_n=10, seed_hard_repeat=1, pool_n=64,
                        eval_n=32)
     c.guard.probe_n = 16

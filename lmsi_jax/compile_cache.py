@@ -1,10 +1,10 @@
 """The persistent XLA compilation cache (`config.compile_cache`), on by default.
 
 A re-run of a command (another seed, an override, a resumed run) loads the programs it
-compiled before instead of compiling them again: on the demo's 2-core CPU a re-run of the
-smoke run takes 0.79x the wall time of one without the cache (BENCHMARKS.md). Executables are
-exact: a cached program computes the same floats as a fresh compile, so results do not depend
-on the cache.
+compiled before instead of compiling them again: on a 2-core AMD EPYC (family 25, model 1) a
+re-run of the smoke run takes 0.79x the wall time of one without the cache (BENCHMARKS.md).
+Executables are exact: a cached program computes the same floats as a fresh compile, so
+results do not depend on the cache.
 
 As MaxText's `jax_cache_dir`. XLA:CPU compiles for the host's instruction set, and JAX's cache
 key names the platform ("cpu"), not the CPU, so a directory shared by different machines (a
