@@ -61,6 +61,11 @@ def get_config(arg: str | None = None):
   c.train.update(optimizer="adamw", learning_rate=1e-3, schedule="cosine", warmup_steps=30,
                  num_steps=300, batch_size=16, seq_len=96, clip_norm=1.0, weight_decay=0.01,
                  b2=0.98, end_lr_ratio=0.1, log_every=100, checkpoint_every=300)
+  # Remat the layer body: the backward pass recomputes each layer's activations instead of
+  # the scan stacking them (copies, broadcasts, dynamic slices of [2, 16, 4, 96, 96] attention
+  # residuals). Same weights to the bit on a 2-core AMD EPYC; the step 0.6x as long there
+  # (benchmarks/demo_step.py, BENCHMARKS.md "Remat in the demo's train step").
+  c.train.remat = "dots"
   # 4 rounds: on the tuning seeds 0-2 greedy accuracy still rose 3-7 points in round 3.
   c.rounds.update(num_rounds=4, init="continue", pseudo_weight=0.5, seed_weight=0.5,
                   previous_weight=0.0)
