@@ -63,7 +63,8 @@ def get_config(arg: str | None = None):
                  b2=0.98, end_lr_ratio=0.1, log_every=100, checkpoint_every=300)
   # Remat the layer body: the backward pass recomputes each layer's activations instead of
   # the scan stacking them (copies, broadcasts, dynamic slices of [2, 16, 4, 96, 96] attention
-  # residuals). Same weights to the bit on a 2-core AMD EPYC; the step 0.6x as long there
+  # residuals). Same weights to the bit on a 2-core AMD EPYC (family 25 model 1; seeds 0 and 3
+  # gave recipe 5's reports to the last digit), the step 0.63x as long there
   # (benchmarks/demo_step.py, BENCHMARKS.md "Remat in the demo's train step").
   c.train.remat = "dots"
   # 4 rounds: on the tuning seeds 0-2 greedy accuracy still rose 3-7 points in round 3.
