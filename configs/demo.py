@@ -68,6 +68,10 @@ def get_config(arg: str | None = None):
   # (benchmarks/demo_step.py, BENCHMARKS.md "Remat in the demo's train step").
   c.train.remat = "dots"
   # 4 rounds: on the tuning seeds 0-2 greedy accuracy still rose 3-7 points in round 3.
+  # With 16 paths and 3 rounds (--config.sampling.num_samples=16 --config.rounds.num_rounds=3)
+  # a seed took 0.67x as long on a 2-core AMD EPYC (family 25 model 1) and met every target on
+  # five seeds, with thinner margins: PGR 0.78 +- 0.12 against 0.86 +- 0.09 (BENCHMARKS.md,
+  # "Recipe 6 measured, not adopted").
   c.rounds.update(num_rounds=4, init="continue", pseudo_weight=0.5, seed_weight=0.5,
                   previous_weight=0.0)
   # Keep a question's majority paths only when the majority holds >= 30% of its 32 votes (no
